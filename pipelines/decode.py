@@ -1,0 +1,297 @@
+"""Decode one video into its candidate frames (PyAV).
+
+Candidates are chosen by presentation timestamp while decoding sequentially:
+
+* ``step = max(1 / fps, duration / max_frames)`` seconds (either term dropped when its cap
+  is off); target times are ``t0 + i * step`` from the first frame's time ``t0``;
+* a decoded frame is kept when its time reaches the next target, so at most one frame is
+  kept per target — at most ``fps`` per second, and ``max_frames`` spread uniformly over the
+  duration when that cap bites; a video with fewer frames than its budget yields all;
+* only kept frames are converted (to RGB, resized, rotated); the others are dropped as
+  decoded pictures, never touched.
+
+Timestamps are the frames' exact ``pts * time_base`` in seconds, as ffprobe's ``pts_time``.
+Rotation metadata (the display matrix) is honoured by turning the picture upright.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+# Frames whose times are this close count as reaching a target (float rounding of pts*tb).
+_EPS = 1e-7
+
+
+class VideoError(Exception):
+    """A video that cannot be decoded. The message is one line: what went wrong."""
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How candidates are taken from a video.
+
+    ``fps`` and ``max_frames`` cap the number of candidates (``None`` or 0 turns a cap off);
+    ``size`` is the short side after resizing (``None`` or 0 keeps the decoded size; never
+    upscales). ``stream`` indexes the file's video streams. ``threads`` is PyAV's decoder
+    thread count (0: as many as the codec likes). A video fails when more than
+    ``max_decode_errors`` packets cannot be decoded.
+    """
+
+    fps: float | None = 4.0
+    max_frames: int | None = 512
+    size: int | None = 384
+    stream: int = 0
+    threads: int = 0
+    max_decode_errors: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and (not math.isfinite(self.fps) or self.fps < 0):
+            raise ValueError(f"fps must be a non-negative number, got {self.fps}")
+        if self.max_frames is not None and self.max_frames < 0:
+            raise ValueError(f"max_frames must be non-negative, got {self.max_frames}")
+        if self.size is not None and self.size < 0:
+            raise ValueError(f"size must be non-negative, got {self.size}")
+        if self.stream < 0:
+            raise ValueError(f"stream must be non-negative, got {self.stream}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VideoInfo:
+    """What the container says about the chosen stream, plus what decoding found."""
+
+    source: str
+    stream: int
+    codec: str
+    width: int  # of the candidate frames as stored (after rotation and resizing)
+    height: int
+    source_width: int  # of the coded pictures
+    source_height: int
+    rotation: int  # degrees the picture was turned (counter-clockwise) to stand upright
+    fps: float | None  # the stream's average frame rate
+    duration: float | None  # seconds, from the stream, the container, or a packet scan
+    start_time: float  # time of the first decoded frame
+    decode_errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Candidate:
+    """One kept frame: its index among the stream's decoded frames, time, RGB pixels."""
+
+    index: int
+    time: float
+    rgb: np.ndarray  # [H, W, 3] uint8, upright
+
+
+def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
+    if value is None or time_base is None:
+        return None
+    return float(value * time_base)
+
+
+def _scan_end(path: str, stream_index: int) -> float | None:
+    """The stream's end time from its packets (demuxing only, no decoding)."""
+    end = None
+    with av.open(path) as container:
+        stream = container.streams.video[stream_index]
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                continue
+            t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = t if end is None else max(end, t)
+    return end
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    return message.replace("[Errno ", "[").strip()
+
+
+def _target_size(width: int, height: int, size: int | None) -> tuple[int, int]:
+    """(width, height) with the short side at most ``size``, aspect kept, never upscaled."""
+    if not size or min(width, height) <= size:
+        return width, height
+    scale = size / min(width, height)
+    # The short side lands exactly on ``size``; the long side keeps the aspect ratio.
+    if width <= height:
+        return size, max(1, round(height * scale))
+    return max(1, round(width * scale)), size
+
+
+class VideoDecoder:
+    """Open a video and iterate its candidate frames::
+
+        with VideoDecoder(path, settings) as video:
+            for frame in video.candidates():
+                ...
+            video.info  # complete after iteration: decode errors, start time
+    """
+
+    def __init__(self, path: str | os.PathLike[str], settings: DecodeSettings) -> None:
+        self.path = str(path)
+        self.settings = settings
+        if "://" not in self.path:
+            p = Path(self.path)
+            if not p.exists():
+                raise VideoError("file not found")
+            if p.is_dir():
+                raise VideoError("is a folder, not a video file")
+            if p.stat().st_size == 0:
+                raise VideoError("empty file (0 bytes)")
+        try:
+            self.container = av.open(self.path, metadata_errors="ignore")
+        except av.error.FFmpegError as e:
+            raise VideoError(f"cannot open as a video: {_one_line(e)}") from None
+        try:
+            self.stream = self._choose_stream()
+        except BaseException:
+            self.container.close()
+            raise
+        self.info = self._probe()
+
+    def __enter__(self) -> VideoDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.container.close()
+
+    def _choose_stream(self) -> av.VideoStream:
+        streams = self.container.streams.video
+        if not streams:
+            raise VideoError("no video stream")
+        if self.settings.stream >= len(streams):
+            raise VideoError(
+                f"has {len(streams)} video stream(s); stream {self.settings.stream} was asked for"
+            )
+        stream = streams[self.settings.stream]
+        if stream.codec_context is None:
+            raise VideoError(f"video stream {self.settings.stream} has no decoder available")
+        stream.thread_type = "AUTO"
+        stream.thread_count = self.settings.threads
+        return stream
+
+    def _probe(self) -> VideoInfo:
+        s = self.stream
+        tb = s.time_base
+        duration = _seconds(s.duration, tb)
+        if duration is None and self.container.duration:
+            duration = self.container.duration / av.time_base
+        rate = s.average_rate or s.guessed_rate
+        w, h = s.codec_context.width, s.codec_context.height
+        return VideoInfo(
+            source=self.path, stream=self.settings.stream, codec=s.codec_context.name,
+            width=w, height=h, source_width=w, source_height=h, rotation=0,
+            fps=float(rate) if rate else None, duration=duration, start_time=0.0,
+        )
+
+    def _end_time(self) -> float | None:
+        """Absolute end time of the stream in seconds, for spreading a capped budget."""
+        s = self.stream
+        start = _seconds(s.start_time, s.time_base)
+        length = _seconds(s.duration, s.time_base)
+        if start is not None and length:
+            return start + length
+        if self.container.duration:
+            c_start = (self.container.start_time or 0) / av.time_base
+            return c_start + self.container.duration / av.time_base
+        try:
+            return _scan_end(self.path, self.settings.stream)
+        except av.error.FFmpegError:
+            return None
+
+    def _step(self, first_time: float) -> float:
+        fps, cap = self.settings.fps, self.settings.max_frames
+        step = 1.0 / fps if fps else 0.0
+        if cap:
+            end = self._end_time()
+            if end is not None and end > first_time:
+                step = max(step, (end - first_time) / cap)
+        return step
+
+    def _frames(self) -> Iterator[av.VideoFrame]:
+        """Every decoded frame; packets that fail to decode are recorded as decode errors."""
+        errors = self.info.decode_errors
+        for packet in self.container.demux(self.stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as e:
+                where = _seconds(packet.pts, packet.time_base)
+                at = f" at {where:.3f}s" if where is not None else ""
+                errors.append(f"packet{at}: {_one_line(e)}")
+                if len(errors) > self.settings.max_decode_errors:
+                    raise VideoError(f"decoding failed{at}: {_one_line(e)}") from None
+                continue
+            yield from frames  # type: ignore[misc]
+
+    def _convert(self, frame: av.VideoFrame) -> np.ndarray:
+        turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
+        width, height = _target_size(frame.width, frame.height, self.settings.size)
+        if (width, height) == (frame.width, frame.height):
+            rgb = frame.to_ndarray(format="rgb24")
+        else:
+            rgb = frame.reformat(
+                width=width, height=height, format="rgb24", interpolation="AREA"
+            ).to_ndarray()
+        if turns:
+            rgb = np.ascontiguousarray(np.rot90(rgb, turns))
+        return rgb
+
+    def candidates(self) -> Iterator[Candidate]:
+        """Decode sequentially and yield the kept frames in time order."""
+        cap = self.settings.max_frames or None
+        step: float | None = None
+        first_time = next_target = 0.0
+        last_time = -math.inf
+        kept = 0
+        index = -1
+        fallback_rate = 1.0 / self.info.fps if self.info.fps else 0.0
+        try:
+            for frame in self._frames():
+                index += 1
+                if frame.pts is not None:
+                    t = float(frame.pts * frame.time_base)
+                else:  # no timestamp: continue from the previous frame at the nominal rate
+                    t = (last_time if math.isfinite(last_time) else 0.0) + fallback_rate
+                if t <= last_time:  # broken timing: times must increase
+                    continue
+                if step is None:
+                    step = self._step(t)
+                    self.info.start_time = first_time = next_target = t
+                if t + _EPS < next_target:
+                    last_time = t
+                    continue
+                rgb = self._convert(frame)
+                if kept == 0:
+                    self.info.height, self.info.width = rgb.shape[:2]
+                    self.info.rotation = round(frame.rotation) if frame.rotation else 0
+                yield Candidate(index, t, rgb)
+                kept += 1
+                last_time = t
+                if cap is not None and kept >= cap:
+                    break
+                if step > 0:
+                    passed = math.floor((t - first_time) / step + _EPS)
+                    next_target = first_time + (passed + 1) * step
+        except av.error.FFmpegError as e:
+            raise VideoError(f"decoding failed: {_one_line(e)}") from None
+        if self.info.duration is None and math.isfinite(last_time):
+            self.info.duration = last_time + fallback_rate - self.info.start_time
+        if kept == 0:
+            if self.info.decode_errors:
+                raise VideoError(f"no frame could be decoded ({self.info.decode_errors[0]})")
+            raise VideoError("no frames: the video stream is empty")

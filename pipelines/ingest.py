@@ -1,0 +1,359 @@
+"""Ingest: videos → WebDataset frame shards, in parallel over shards, resumable.
+
+``ingest()`` fixes the plan (which video goes to which shard) up front and writes it, skips
+shards whose done marker exists, and runs the rest in a process pool, one shard per task.
+A worker decodes its shard's videos one by one (``pipelines.decode``), encodes the kept
+frames as JPEG, and writes the shard through ``stores.shards.ShardWriter``. A video that
+fails is recorded in its shard's marker with a one-line reason and the shard goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+from PIL import Image
+
+from pipelines.decode import DecodeSettings, VideoDecoder, VideoError
+from stores import shards
+from stores.errors import UserError
+from stores.manifest import Issue, Manifest, Video, write_manifest
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """Everything that decides what lands in the shards, plus how many workers do it."""
+
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    jpeg_quality: int = 90
+    shard_size: int = 16
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that change the shards' bytes (not workers or threads)."""
+        decode = self.decode.as_dict()
+        decode.pop("threads")
+        return {**decode, "jpeg_quality": self.jpeg_quality, "shard_size": self.shard_size}
+
+
+@dataclass(frozen=True)
+class VideoDone:
+    """Progress event: one video finished (landed with ``frames``, or failed with ``error``)."""
+
+    video_id: str
+    frames: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Something that did not land: a manifest row, a video, or a whole shard."""
+
+    kind: str  # "row", "video" or "shard"
+    where: str  # file:line, the video's source, or the shard file
+    error: str  # one line
+    video_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.error}"
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest run did. ``failures`` lists bad rows and failed videos, one line each."""
+
+    out: str
+    videos: int = 0  # landed, in all finished shards
+    frames: int = 0
+    failed: int = 0  # videos that failed, in all finished shards
+    shards: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    frames_written: int = 0  # by this run
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # decode / encode / write seconds
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames_written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "frames_per_second": round(self.frames_per_second, 2)}
+
+
+def plan_shards(videos: list[Video], shard_size: int) -> list[list[str]]:
+    """Video ids per shard: consecutive runs of ``shard_size`` in manifest order."""
+    ids = [v.id for v in videos]
+    return [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
+
+
+def encode_jpeg(rgb: Any, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _video_meta(video: Video, decoder: VideoDecoder, times: list[float], indices: list[int],
+                settings: IngestSettings) -> dict[str, Any]:
+    info = decoder.info
+    return {
+        "video_id": video.id, "source": video.path, "stream": info.stream, "codec": info.codec,
+        "duration": info.duration, "fps": info.fps, "width": info.width, "height": info.height,
+        "source_width": info.source_width, "source_height": info.source_height,
+        "rotation": info.rotation, "start_time": info.start_time,
+        "timestamps": times, "frame_indices": indices, "decode_errors": info.decode_errors,
+        "settings": settings.output_settings(),
+    }
+
+
+def _ingest_video(
+    video: Video, writer: shards.ShardWriter, settings: IngestSettings, timings: dict[str, float]
+) -> int:
+    """Decode, encode and append one video; returns its frame count or raises VideoError."""
+    jpegs: list[bytes] = []
+    times: list[float] = []
+    indices: list[int] = []
+    t_decode = t_encode = 0.0
+    mark = time.perf_counter()
+    with VideoDecoder(video.path, settings.decode) as decoder:
+        for candidate in decoder.candidates():
+            now = time.perf_counter()
+            t_decode += now - mark
+            jpegs.append(encode_jpeg(candidate.rgb, settings.jpeg_quality))
+            times.append(candidate.time)
+            indices.append(candidate.index)
+            mark = time.perf_counter()
+            t_encode += mark - now
+        t_decode += time.perf_counter() - mark
+        meta = _video_meta(video, decoder, times, indices, settings)
+    mark = time.perf_counter()
+    writer.add(video.id, meta, jpegs)
+    timings["decode"] += t_decode
+    timings["encode"] += t_encode
+    timings["write"] += time.perf_counter() - mark
+    return len(jpegs)
+
+
+def ingest_shard(
+    index: int, videos: list[Video], out: Path, settings: IngestSettings,
+    report: Callable[[VideoDone], None],
+) -> dict[str, Any]:
+    """Write shard ``index`` from ``videos``; returns its done marker. One writer per shard."""
+    with shards.exclusive_lock(shards.lock_path(out, index), f"shard {index} of {out}"):
+        done = shards.read_marker(out, index)
+        if done is not None:
+            return done
+        started = time.perf_counter()
+        timings = {"decode": 0.0, "encode": 0.0, "write": 0.0}
+        failures: list[dict[str, str]] = []
+        writer = shards.ShardWriter(out, index)
+        try:
+            for video in videos:
+                try:
+                    frames = _ingest_video(video, writer, settings, timings)
+                    report(VideoDone(video.id, frames))
+                except VideoError as e:
+                    failures.append({"video_id": video.id, "source": video.path, "error": str(e)})
+                    report(VideoDone(video.id, 0, str(e)))
+                except Exception as e:  # a decoder or library fault must not sink the shard
+                    error = f"unexpected {type(e).__name__}: {e}".splitlines()[0]
+                    failures.append({"video_id": video.id, "source": video.path, "error": error})
+                    report(VideoDone(video.id, 0, error))
+            stats = {
+                "videos": len(writer.samples), "frames": sum(s.frames for s in writer.samples),
+                "failures": failures, "seconds": round(time.perf_counter() - started, 4),
+                "timings": {k: round(v, 4) for k, v in timings.items()},
+            }
+            return writer.commit(stats)
+        except BaseException:
+            writer.abort()
+            raise
+
+
+# ----------------------------------------------------------------------------- the pool
+
+_events: Any = None  # the worker's queue back to the parent, set by _init_worker
+
+
+def _init_worker(events: Any) -> None:
+    global _events
+    _events = events
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt does
+    try:  # die with the parent (kill -9 included): no orphan may keep writing a shard
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_shard(index: int, videos: list[Video], out: str, settings: IngestSettings) -> dict:
+    return ingest_shard(index, videos, Path(out), settings, _events.put)
+
+
+def _run_pool(
+    jobs: list[tuple[int, list[Video]]], out: Path, settings: IngestSettings,
+    report: Callable[[VideoDone], None],
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Run shard jobs in worker processes; returns markers and per-shard crash reasons."""
+    context = mp.get_context("spawn")
+    events = context.Queue()
+    markers: list[dict[str, Any]] = []
+    crashes: list[tuple[str, str]] = []
+    workers = min(settings.workers, len(jobs))
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(events,)) as pool:
+        futures: dict[Future, int] = {
+            pool.submit(_worker_shard, i, vids, str(out), settings): i for i, vids in jobs
+        }
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                _drain(events, report)
+                for future in finished:
+                    try:
+                        markers.append(future.result())
+                    except BrokenProcessPool as e:
+                        crashes.append((shards.shard_name(futures[future]), f"worker died ({e})"))
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+        finally:
+            _drain(events, report)
+    return markers, crashes
+
+
+def _drain(events: Any, report: Callable[[VideoDone], None]) -> None:
+    while True:
+        try:
+            report(events.get_nowait())
+        except Empty:
+            return
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _check_plan(out: Path, plan: dict[str, Any]) -> None:
+    existing = shards.read_plan(out)
+    if existing is None:
+        return
+    same = existing.get("settings") == plan["settings"] and existing.get("shards") == plan["shards"]
+    if not same:
+        raise UserError(
+            f"{out}: holds an ingest of other videos or settings (see {shards.PLAN_FILE}); "
+            "resume with the same inputs and options, or choose another --out"
+        )
+
+
+def ingest(
+    manifest: Manifest,
+    out: str | os.PathLike[str],
+    settings: IngestSettings,
+    *,
+    retry_failed: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    report: Callable[[VideoDone], None] | None = None,
+) -> IngestSummary:
+    """Ingest ``manifest``'s videos into shards under ``out`` and return the summary.
+
+    ``on_start(videos_to_do, videos_already_done)`` is called once the plan is known and
+    ``report`` once per finished video (both for progress displays). ``retry_failed`` redoes
+    finished shards that recorded failed videos. Manifest issues are carried into the
+    summary's failures; they do not stop the run.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = report or (lambda event: None)
+    if not manifest.videos:
+        raise UserError("no videos to ingest: the inputs hold no usable video rows")
+    plan = {"settings": settings.output_settings(),
+            "shards": plan_shards(manifest.videos, settings.shard_size)}
+    with shards.exclusive_lock(shards.lock_path(out_dir), f"ingest folder {out_dir}"):
+        _check_plan(out_dir, plan)
+        shards.remove_stale_temporaries(out_dir)
+        shards.write_plan(out_dir, plan)
+        write_manifest(out_dir / shards.MANIFEST_FILE, manifest)
+        by_id = {v.id: v for v in manifest.videos}
+        todo: list[tuple[int, list[Video]]] = []
+        done_videos = 0
+        for index, ids in enumerate(plan["shards"]):
+            marker = shards.read_marker(out_dir, index)
+            if marker is not None and retry_failed and marker.get("failures"):
+                shards.remove_shard(out_dir, index)
+                marker = None
+            if marker is None:
+                todo.append((index, [by_id[i] for i in ids]))
+            else:
+                done_videos += len(ids)
+        if on_start is not None:
+            on_start(sum(len(v) for _, v in todo), done_videos)
+        if settings.workers == 1 or len(todo) <= 1:
+            written = [ingest_shard(i, vids, out_dir, settings, report) for i, vids in todo]
+            crashes: list[tuple[str, str]] = []
+        else:
+            written, crashes = _run_pool(todo, out_dir, settings, report)
+        summary = _summarise(out_dir, plan, manifest.issues, written, crashes)
+        summary.shards_skipped = len(plan["shards"]) - len(todo)
+        summary.seconds = round(time.perf_counter() - started, 3)
+        _write_records(out_dir, summary)
+    return summary
+
+
+def _summarise(out: Path, plan: dict[str, Any], issues: list[Issue],
+               written: list[dict[str, Any]], crashes: list[tuple[str, str]]) -> IngestSummary:
+    summary = IngestSummary(out=str(out), shards=len(plan["shards"]),
+                            shards_written=len(written))
+    summary.failures = [
+        Failure("row", issue.where, f"{issue.field}: {issue.message}") for issue in issues
+    ]
+    timings = {"decode": 0.0, "encode": 0.0, "write": 0.0}
+    for marker in written:
+        summary.frames_written += marker["frames"]
+        for k, v in marker.get("timings", {}).items():
+            timings[k] = timings.get(k, 0.0) + v
+    summary.timings = {k: round(v, 3) for k, v in timings.items()}
+    reader = shards.ShardSet(out)
+    rows = []
+    for marker in reader.markers():
+        summary.videos += marker["videos"]
+        summary.frames += marker["frames"]
+        summary.failed += len(marker["failures"])
+        summary.failures.extend(
+            Failure("video", f["source"], f["error"], f["video_id"]) for f in marker["failures"]
+        )
+        rows.extend({"video_id": s["video_id"], "shard": marker["shard"],
+                     "position": s["position"], "frames": s["frames"]} for s in marker["samples"])
+    summary.failures.extend(Failure("shard", shard, error) for shard, error in crashes)
+    shards.write_jsonl(out / shards.VIDEOS_FILE, rows)
+    return summary
+
+
+def _write_records(out: Path, summary: IngestSummary) -> None:
+    shards.write_jsonl(out / shards.FAILURES_FILE, [asdict(f) for f in summary.failures])
+    shards.write_json_atomic(out / shards.SUMMARY_FILE, summary.as_dict())

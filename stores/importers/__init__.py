@@ -1,0 +1,45 @@
+"""Readers that turn what users have (video folders, manifests, public annotation files)
+into a validated :class:`stores.manifest.Manifest`.
+
+Every importer builds plain rows and passes them through ``build_manifest``, so all
+sources get the same checks and the same ``file:line: field: message`` issues.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stores.errors import UserError
+from stores.importers.folder import VIDEO_EXTENSIONS, import_folder, import_video_files
+from stores.importers.nextqa import import_nextgqa, import_nextqa
+from stores.manifest import Manifest, merge, read_manifest
+
+__all__ = [
+    "VIDEO_EXTENSIONS", "import_folder", "import_video_files", "import_nextqa",
+    "import_nextgqa", "from_inputs",
+]
+
+
+def from_inputs(inputs: list[str]) -> Manifest:
+    """Resolve command-line inputs — video files, folders, ``.jsonl`` manifests — into one
+    manifest. Unknown kinds of input fail at once with a message naming them."""
+    parts: list[Manifest] = []
+    loose: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            parts.append(import_folder(p))
+        elif p.suffix.lower() == ".jsonl":
+            parts.append(read_manifest(p))
+        elif p.suffix.lower() in VIDEO_EXTENSIONS:
+            loose.append(p)  # a missing file still becomes a row: it fails at decode, recorded
+        elif not p.exists():
+            raise UserError(f"{item}: no such file or folder")
+        else:
+            raise UserError(
+                f"{item}: not a video ({', '.join(sorted(VIDEO_EXTENSIONS))}), folder or .jsonl "
+                "manifest; convert annotation files with 'refocus import'"
+            )
+    if loose:
+        parts.append(import_video_files(loose))
+    return merge(parts)

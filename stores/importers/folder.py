@@ -1,0 +1,47 @@
+"""Videos from files and folders: one video row per file, ids derived from file names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from stores.errors import UserError
+from stores.ids import safe_component
+from stores.manifest import Manifest, build_manifest
+
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
+    ".3gp", ".ogv",
+})
+
+
+def _unique(candidate: str, taken: set[str]) -> str:
+    out, n = candidate, 2
+    while out in taken:
+        out = f"{candidate}-{n}"
+        n += 1
+    taken.add(out)
+    return out
+
+
+def import_video_files(paths: list[Path], root: Path | None = None) -> Manifest:
+    """One video row per path. The id is the path relative to ``root`` (or the file name)
+    without its extension, made safe (``a/b.c.mp4`` → ``a__b_c``); clashes get ``-2``, ``-3``."""
+    taken: set[str] = set()
+    rows = []
+    for p in paths:
+        stem = p.relative_to(root).with_suffix("").as_posix() if root else p.stem
+        vid = _unique(safe_component(stem), taken)
+        rows.append((str(p), {"type": "video", "id": vid, "path": str(p.resolve())}))
+    return build_manifest(rows)
+
+
+def import_folder(root: str | os.PathLike[str]) -> Manifest:
+    """Every video file under ``root`` (recursive, by extension), in sorted path order."""
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError(f"{base}: not a folder")
+    paths = sorted(
+        p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+    )
+    return import_video_files(paths, root=base)

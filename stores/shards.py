@@ -1,0 +1,271 @@
+"""WebDataset frame shards: one tar sample per video, written atomically, resumable.
+
+Layout of an ingest folder::
+
+    plan.json                  which videos go to which shard, and the settings (fixed up front)
+    manifest.jsonl             the corpus as ingested (videos and questions)
+    shard-000000.tar           samples: <id>.json, <id>.000000.jpg, <id>.000001.jpg, ...
+    shard-000000.done.json     written last: the shard's samples (position, byte range, frames),
+                               its failures and timings. A shard without it is not done.
+    videos.jsonl               one row per landed video (derived from the markers each run)
+    failures.jsonl, summary.json
+
+A shard is written to ``<name>.tmp``, flushed to disk, renamed, and only then is its done
+marker written (also through a temporary name), so a reader never sees half a shard and a
+re-run after ``kill -9`` redoes exactly the shards without a marker. One writer per shard
+is enforced with a lock file (``.locks/``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stores.errors import UserError
+
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.jsonl"
+VIDEOS_FILE = "videos.jsonl"
+FAILURES_FILE = "failures.jsonl"
+SUMMARY_FILE = "summary.json"
+FORMAT_VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def marker_name(index: int) -> str:
+    return f"shard-{index:06d}.done.json"
+
+
+def lock_path(directory: Path, index: int | None = None) -> Path:
+    """Lock file of the whole folder (``index=None``) or of one shard, under ``.locks/``."""
+    name = "ingest.lock" if index is None else f"shard-{index:06d}.lock"
+    return directory / ".locks" / name
+
+
+def frame_member(index: int) -> str:
+    """The extension of frame ``index`` within its sample (``000012.jpg``)."""
+    return f"{index:06d}.jpg"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers see all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a lock file) or fail at once naming ``what``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{what} is in use by another process (lock {path})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class SampleLocation:
+    """Where a video's sample lies: shard file, position in it, byte range of its members."""
+
+    video_id: str
+    shard: str
+    position: int
+    start: int
+    end: int
+    frames: int
+
+
+class ShardWriter:
+    """Write one shard. ``add`` appends a whole sample; ``commit`` makes the shard visible.
+
+    Members get fixed metadata (mtime 0, root owner), so the same inputs give the same bytes.
+    """
+
+    def __init__(self, directory: Path, index: int) -> None:
+        self.directory = directory
+        self.index = index
+        self.path = directory / shard_name(index)
+        self.tmp_path = directory / (shard_name(index) + ".tmp")
+        # Held open across add() calls and closed by commit() or abort().
+        self._file = open(self.tmp_path, "wb")  # noqa: SIM115
+        self._tar = tarfile.open(  # noqa: SIM115
+            fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT
+        )
+        self.samples: list[SampleLocation] = []
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def add(self, key: str, meta: dict[str, Any], frames: Sequence[bytes]) -> SampleLocation:
+        """Append the sample ``key``: ``<key>.json`` first, then its frames in order."""
+        start = self._tar.offset
+        self._member(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+        for i, jpeg in enumerate(frames):
+            self._member(f"{key}.{frame_member(i)}", jpeg)
+        location = SampleLocation(
+            key, self.path.name, len(self.samples), start, self._tar.offset, len(frames)
+        )
+        self.samples.append(location)
+        return location
+
+    def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Close, flush to disk, rename into place, then write the done marker (last)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        marker = {
+            "version": FORMAT_VERSION,
+            "shard": self.path.name,
+            "bytes": self.path.stat().st_size,
+            "samples": [
+                {k: getattr(s, k) for k in ("video_id", "position", "start", "end", "frames")}
+                for s in self.samples
+            ],
+            **stats,
+        }
+        write_json_atomic(self.directory / marker_name(self.index), marker)
+        return marker
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def read_plan(directory: Path) -> dict[str, Any] | None:
+    path = directory / PLAN_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_plan(directory: Path, plan: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / PLAN_FILE, {"version": FORMAT_VERSION, **plan})
+
+
+def read_marker(directory: Path, index: int) -> dict[str, Any] | None:
+    path = directory / marker_name(index)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def remove_shard(directory: Path, index: int) -> None:
+    """Forget a shard (its marker first, so it never looks done without its data)."""
+    (directory / marker_name(index)).unlink(missing_ok=True)
+    (directory / shard_name(index)).unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete ``*.tmp`` left by a killed run (call only while holding the folder's lock)."""
+    stale = sorted(directory.glob("*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+@dataclass
+class Sample:
+    """A video read back from a shard: its metadata and its JPEG frames in time order."""
+
+    meta: dict[str, Any]
+    frames: list[bytes]
+
+
+def _parse_sample(data: bytes, key: str) -> Sample:
+    meta: dict[str, Any] | None = None
+    frames: dict[int, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            content = tar.extractfile(member)
+            if content is None:
+                continue
+            suffix = member.name[len(key) + 1:]
+            if suffix == "json":
+                meta = json.loads(content.read())
+            elif suffix.endswith(".jpg"):
+                frames[int(suffix[:-4])] = content.read()
+    if meta is None:
+        raise ValueError(f"sample {key!r} has no json member")
+    return Sample(meta, [frames[i] for i in sorted(frames)])
+
+
+class ShardSet:
+    """Read access to an ingest folder: finished shards, video lookup, random access."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        plan = read_plan(self.directory)
+        if plan is None:
+            raise UserError(f"{self.directory}: not an ingest folder (no {PLAN_FILE})")
+        self.plan = plan
+
+    def markers(self) -> list[dict[str, Any]]:
+        """Done markers of the finished shards, in shard order."""
+        out = []
+        for index in range(len(self.plan["shards"])):
+            marker = read_marker(self.directory, index)
+            if marker is not None:
+                out.append(marker)
+        return out
+
+    def shard_paths(self) -> list[Path]:
+        return [self.directory / m["shard"] for m in self.markers()]
+
+    def lookup(self) -> dict[str, SampleLocation]:
+        """Video id → where its sample lies, for every landed video."""
+        out: dict[str, SampleLocation] = {}
+        for marker in self.markers():
+            for s in marker["samples"]:
+                out[s["video_id"]] = SampleLocation(
+                    s["video_id"], marker["shard"], s["position"], s["start"], s["end"], s["frames"]
+                )
+        return out
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [f for m in self.markers() for f in m.get("failures", [])]
+
+    def read(self, video_id: str, location: SampleLocation | None = None) -> Sample:
+        """One video's sample, read by byte range without scanning the shard."""
+        loc = location or self.lookup().get(video_id)
+        if loc is None:
+            raise UserError(f"{self.directory}: no video {video_id!r} in the finished shards")
+        with open(self.directory / loc.shard, "rb") as f:
+            f.seek(loc.start)
+            data = f.read(loc.end - loc.start)
+        return _parse_sample(data, video_id)
