@@ -110,6 +110,9 @@ def plan_shards(videos: list[Video], shard_size: int) -> list[list[str]]:
     return [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
 
 
+SHARD_LOCK_WAIT = 30.0  # seconds
+
+
 def encode_jpeg(rgb: Any, quality: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
@@ -162,7 +165,9 @@ def ingest_shard(
     report: Callable[[VideoDone], None],
 ) -> dict[str, Any]:
     """Write shard ``index`` from ``videos``; returns its done marker. One writer per shard."""
-    with shards.exclusive_lock(shards.lock_path(out, index), f"shard {index} of {out}"):
+    # The folder lock is ours, so only a dying worker of a killed run can hold this one.
+    lock = shards.lock_path(out, index)
+    with shards.exclusive_lock(lock, f"shard {index} of {out}", wait=SHARD_LOCK_WAIT):
         done = shards.read_marker(out, index)
         if done is not None:
             return done
@@ -235,10 +240,13 @@ def _run_pool(
                 finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
                 _drain(events, report)
                 for future in finished:
+                    name = shards.shard_name(futures[future])
                     try:
                         markers.append(future.result())
                     except BrokenProcessPool as e:
-                        crashes.append((shards.shard_name(futures[future]), f"worker died ({e})"))
+                        crashes.append((name, f"worker died ({e})"))
+                    except Exception as e:  # recorded; the other shards go on
+                        crashes.append((name, f"{type(e).__name__}: {e}".splitlines()[0]))
         except BaseException:
             for future in pending:
                 future.cancel()

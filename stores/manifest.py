@@ -267,13 +267,18 @@ def build_manifest(
                 manifest.questions.append(question)
         except _RowError as e:
             manifest.issues.append(Issue(where, e.field, e.message))
-    manifest.issues.sort(key=_issue_order)
+    manifest.issues = sort_issues(manifest.issues)
     return manifest
 
 
-def _issue_order(issue: Issue) -> tuple[str, int]:
-    source, _, line = issue.where.rpartition(":")
-    return (source, int(line)) if line.isdigit() else (issue.where, 0)
+def sort_issues(issues: Iterable[Issue]) -> list[Issue]:
+    """Issues in file order (by source, then line number)."""
+
+    def order(issue: Issue) -> tuple[str, int]:
+        source, _, line = issue.where.rpartition(":")
+        return (source, int(line)) if line.isdigit() else (issue.where, 0)
+
+    return sorted(issues, key=order)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -296,7 +301,7 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     except UnicodeDecodeError as e:
         raise UserError(f"{p}: not a UTF-8 text file ({e.reason})") from None
     manifest = build_manifest(rows, base=p.resolve().parent)
-    manifest.issues = sorted(unreadable + manifest.issues, key=_issue_order)
+    manifest.issues = sort_issues(unreadable + manifest.issues)
     return manifest
 
 

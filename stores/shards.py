@@ -23,6 +23,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,14 +78,20 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 @contextmanager
-def exclusive_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (a lock file) or fail at once naming ``what``."""
+def exclusive_lock(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a lock file); wait up to ``wait`` seconds for it,
+    then fail naming ``what``."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
     with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{what} is in use by another process (lock {path})") from None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise UserError(f"{what} is in use by another process (lock {path})") from None
+                time.sleep(0.05)
         try:
             yield
         finally:

@@ -22,7 +22,7 @@ from typing import Any
 
 from stores.errors import UserError
 from stores.importers.folder import VIDEO_EXTENSIONS
-from stores.manifest import Issue, Manifest, build_manifest
+from stores.manifest import Issue, Manifest, build_manifest, sort_issues
 
 OPTION_COLUMNS = ("a0", "a1", "a2", "a3", "a4")
 REQUIRED_COLUMNS = ("video_id", "question", "answer", "qid", *OPTION_COLUMNS)
@@ -38,15 +38,16 @@ def _video_index(video_root: Path | None) -> dict[str, Path]:
     }
 
 
-def _answer_index(answer: str, options: list[str]) -> int | str:
+def _answer_index(answer: str, options: list[str]) -> int:
     """The answer as an index: an integer column, or the text of exactly one option."""
     text = answer.strip()
     if text.isdigit():
         return int(text)
     matches = [i for i, o in enumerate(options) if o.strip() == text]
-    if len(matches) == 1:
-        return matches[0]
-    return text  # left as text: validation reports it with its line number
+    if len(matches) != 1:
+        which = "none" if not matches else f"{len(matches)}"
+        raise ValueError(f"{text!r} matches {which} of the options")
+    return matches[0]
 
 
 def _split_from_name(path: Path) -> str | None:
@@ -107,10 +108,14 @@ def _to_manifest(
                 video["split"] = split
             out.append((where, video))
         options = [row[c] for c in OPTION_COLUMNS]
+        try:
+            answer = _answer_index(row["answer"], options)
+        except ValueError as e:
+            issues.append(Issue(where, "answer", str(e)))
+            continue
         question: dict[str, Any] = {
             "type": "question", "qid": f"{vid}_{row['qid'].strip()}", "video_id": vid,
-            "question": row["question"], "options": options,
-            "answer": _answer_index(row["answer"], options),
+            "question": row["question"], "options": options, "answer": answer,
         }
         if (vid, row["qid"].strip()) in spans:
             question["evidence"] = spans[(vid, row["qid"].strip())]
@@ -120,7 +125,7 @@ def _to_manifest(
             question["split"] = split
         out.append((where, question))
     manifest = build_manifest(out)
-    manifest.issues = issues + manifest.issues
+    manifest.issues = sort_issues(issues + manifest.issues)
     return manifest
 
 

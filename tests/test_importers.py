@@ -1,0 +1,129 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from stores.errors import UserError
+from stores.importers import from_inputs, import_folder, import_nextgqa, import_nextqa
+from stores.manifest import read_manifest, write_manifest
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_nextqa_imports_every_row_with_the_right_answer(shared_data):
+    path = shared_data / "annotations" / "nextqa_val.csv"
+    rows = csv_rows(path)
+    m = import_nextqa(path, video_root=shared_data / "no-such-folder")
+    assert len(rows) == 4996
+    assert m.issues == []
+    assert len(m.questions) == 4996
+    assert len(m.videos) == len({r["video_id"] for r in rows})
+    by_qid = {q.qid: q for q in m.questions}
+    for r in rows:
+        q = by_qid[f"{r['video_id']}_{r['qid']}"]
+        assert list(q.options) == [r[f"a{i}"] for i in range(5)]
+        assert q.options[q.answer] == r["answer"]  # the CSV gives the right option's text
+        assert (q.video_id, q.question, q.category, q.split) == (
+            r["video_id"], r["question"], r["type"], "val")
+    v = m.video(rows[0]["video_id"])
+    assert v.meta["frame_count"] == int(rows[0]["frame_count"])
+    assert v.path == str(shared_data / "no-such-folder" / f"{rows[0]['video_id']}.mp4")
+
+
+def test_nextqa_finds_videos_in_subfolders_by_id(tmp_path, shared_data):
+    path = shared_data / "annotations" / "nextqa_val.csv"
+    first = csv_rows(path)[0]["video_id"]
+    (tmp_path / "1021").mkdir()
+    (tmp_path / "1021" / f"{first}.mp4").write_bytes(b"x")
+    m = import_nextqa(path, video_root=tmp_path)
+    assert m.video(first).path == str(tmp_path / "1021" / f"{first}.mp4")
+
+
+def test_nextgqa_attaches_evidence_spans_to_their_questions(shared_data):
+    ann = shared_data / "annotations"
+    rows = csv_rows(ann / "nextgqa_val.csv")
+    grounding = json.loads((ann / "nextgqa_gsub_val.json").read_text())
+    m = import_nextgqa(ann / "nextgqa_val.csv", ann / "nextgqa_gsub_val.json")
+    assert m.issues == []
+    assert len(m.questions) == len(rows) == 3358
+    clipped = 0
+    for q in m.questions:
+        vid, local = q.qid.rsplit("_", 1)
+        expected = grounding[vid]["location"][local]
+        duration = m.video(vid).duration
+        assert len(q.evidence) == len(expected) > 0
+        for (start, end), (e_start, e_end) in zip(q.evidence, expected, strict=True):
+            assert start == e_start
+            # ends past the last frame by less than the 0.1 s annotation step mean "to the end"
+            assert end == e_end or (end == duration and 0 < e_end - duration <= 0.1)
+            clipped += end != e_end
+            assert 0 <= start <= end <= duration
+    assert 0 < clipped < 200
+    # duration from frame_count / fps, finer than the JSON's whole seconds
+    r = rows[0]
+    assert m.video(r["video_id"]).duration == pytest.approx(
+        int(r["frame_count"]) / grounding[r["video_id"]]["fps"], abs=1e-6)
+
+
+def test_nextgqa_reports_spans_far_outside_the_video(tmp_path, shared_data):
+    ann = shared_data / "annotations"
+    grounding = json.loads((ann / "nextgqa_gsub_val.json").read_text())
+    rows = csv_rows(ann / "nextgqa_val.csv")
+    vid, local = rows[4]["video_id"], rows[4]["qid"]
+    grounding[vid]["location"][local] = [[1.0, 999.0]]
+    (tmp_path / "gsub.json").write_text(json.dumps(grounding))
+    m = import_nextgqa(ann / "nextgqa_val.csv", tmp_path / "gsub.json")
+    # row 5 of the data is line 6 of the file (after the header)
+    assert [str(i).split(": ", 1)[0] for i in m.issues] == [f"{ann / 'nextgqa_val.csv'}:6"]
+    assert "span [1, 999] outside" in str(m.issues[0])
+    assert len(m.questions) == 3357
+
+
+def test_nextqa_bad_rows_are_reported_and_the_rest_lands(tmp_path, shared_data):
+    src = (shared_data / "annotations" / "nextqa_val.csv").read_text().splitlines()
+    header, body = src[0], src[1:11]
+    cols = body[2].split(",")
+    cols[5] = "an answer that is no option"
+    body[2] = ",".join(cols)
+    body[5] = ",".join(body[5].split(",")[:-1]) + ","  # a4 empty
+    (tmp_path / "val.csv").write_text("\n".join([header, *body]) + "\n")
+    m = import_nextqa(tmp_path / "val.csv")
+    assert [str(i) for i in m.issues] == [
+        f"{tmp_path / 'val.csv'}:4: answer: 'an answer that is no option' matches none of "
+        "the options",
+        f"{tmp_path / 'val.csv'}:7: a4: empty or missing column",
+    ]
+    assert len(m.questions) == 8
+
+
+def test_not_a_nextqa_file_is_a_user_error(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="not a NExT-QA CSV"):
+        import_nextqa(tmp_path / "x.csv")
+
+
+def test_folder_import_is_recursive_by_extension_with_safe_unique_ids(tmp_path):
+    for rel in ["a.mp4", "sub/b.MKV", "sub/deeper/c.webm", "sub/a.mp4", "notes.txt", "x.y.mov"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    m = import_folder(tmp_path)
+    assert {v.id: Path(v.path).relative_to(tmp_path).as_posix() for v in m.videos} == {
+        "a": "a.mp4", "sub__a": "sub/a.mp4", "sub__b": "sub/b.MKV",
+        "sub__deeper__c": "sub/deeper/c.webm", "x_y": "x.y.mov",
+    }
+
+
+def test_inputs_combine_files_folders_and_manifests(tmp_path, videos):
+    write_manifest(tmp_path / "m.jsonl", from_inputs([str(videos / "realshort.mp4")]))
+    m = from_inputs([str(videos / "nasa_13013.mp4"), str(tmp_path / "m.jsonl")])
+    assert [v.id for v in m.videos] == ["realshort", "nasa_13013"]
+    assert read_manifest(tmp_path / "m.jsonl").videos[0].path == str(videos / "realshort.mp4")
+    with pytest.raises(UserError, match="no such file or folder"):
+        from_inputs([str(tmp_path / "nothing-here")])
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(UserError, match="refocus import"):
+        from_inputs([str(tmp_path / "a.csv")])
