@@ -52,7 +52,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,6 @@ VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
     ".3gp", ".ogv",
 })
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ class BenchmarkError(Exception):
 # ----------------------------------------------------------------------------- inputs
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description="refocus ingest versus the ffmpeg command line",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--videos", nargs="+", type=Path, default=None, metavar="DIR_OR_FILE",
                    help="videos or folders of videos (default: samples/videos, else "
@@ -144,7 +143,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             p.error(f"--{name} must be at least 1")
     if a.fps < 0 or a.size < 0:
         p.error("--fps and --size must not be negative")
-    videos = collect_videos(a.videos) if a.videos else default_videos(REPO_ROOT)
+    repo_root = Path(__file__).resolve().parent.parent
+    videos = collect_videos(a.videos) if a.videos else default_videos(repo_root)
     if not videos:
         p.error("no videos found")
     return Config(videos, a.copies, a.fps, a.size, a.workers, a.repeats, a.jpeg_quality,
@@ -180,14 +180,15 @@ def ensure_ffmpeg() -> str:
     if found:
         return found
     print("ffmpeg not found; installing it with apt-get", file=sys.stderr)
-    for attempt in (["apt-get", "install", "-y", "ffmpeg"],
-                    ["apt-get", "update"], ["apt-get", "install", "-y", "ffmpeg"]):
+    install = ["apt-get", "install", "-y", "ffmpeg"]
+    for steps in ([install], [["apt-get", "update"], install]):
         try:
-            done = subprocess.run(attempt, capture_output=True, check=False)
-        except OSError:
-            break
-        if attempt[1] == "install" and done.returncode == 0 and shutil.which("ffmpeg"):
-            return shutil.which("ffmpeg") or "ffmpeg"
+            for step in steps:
+                subprocess.run(step, capture_output=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        if found := shutil.which("ffmpeg"):
+            return found
     raise BenchmarkError("ffmpeg is not on PATH and `apt-get install -y ffmpeg` failed")
 
 
@@ -393,7 +394,8 @@ def machine_info(ffmpeg: str) -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         pyav = "not installed"
     return {"nproc": os.cpu_count(), "cpu": model, "platform": platform.platform(),
-            "python": platform.python_version(), "ffmpeg": first_line(version.stdout),
+            "python": platform.python_version(),
+            "ffmpeg": first_line(version.stdout).split(" Copyright")[0],
             "pyav": pyav, "pyav_ffmpeg": pyav_ffmpeg_version()}
 
 
@@ -422,6 +424,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"fps {s['fps']:g}, short side {s['size']}, {s['workers']} workers, "
         f"best of {s['repeats']}; JPEG: refocus quality {s['refocus_jpeg_quality']}, "
         f"ffmpeg -q:v {s['ffmpeg_qscale']}.",
+    ]
+    if c["skipped"]:
+        names = ", ".join(Path(v).name for v in c["skipped"])
+        lines.append(f"Skipped (ffmpeg failed on them in the warm-up): {names}.")
+    lines += [
         "",
         "| tool | frames | wall s (best) | frames/s | KiB/frame |",
         "|---|---:|---:|---:|---:|",
@@ -468,9 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown(report))
-    for name, counts in report["frame_count_differences"].items():
-        print(f"\nframes differ for {name} (per copy): refocus {counts['refocus']}, "
-              f"ffmpeg {counts['ffmpeg']}")
+    differences = report["frame_count_differences"]
+    if differences:
+        print("\nFrame counts that differ (per copy): " + "; ".join(
+            f"{name}: refocus {c['refocus']}, ffmpeg {c['ffmpeg']}"
+            for name, c in differences.items()))
     if cfg.out is not None:
         cfg.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0

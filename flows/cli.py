@@ -108,7 +108,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="W",
                    help="worker processes, one shard each at a time")
     p.add_argument("--threads", type=_non_negative_int, default=0, metavar="T",
-                   help="decoder threads per worker (0: automatic)")
+                   help="decoder threads per worker (0: cores / busy workers)")
     p.add_argument("--retry-failed", action="store_true",
                    help="redo finished shards that recorded failed videos")
     p.set_defaults(run=_run_ingest)

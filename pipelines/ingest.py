@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -119,7 +119,7 @@ def encode_jpeg(rgb: Any, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _video_meta(video: Video, decoder: VideoDecoder, times: list[float], indices: list[int],
+def _video_meta(video: Video, decoder: VideoDecoder, times: list[float],
                 settings: IngestSettings) -> dict[str, Any]:
     info = decoder.info
     return {
@@ -127,7 +127,7 @@ def _video_meta(video: Video, decoder: VideoDecoder, times: list[float], indices
         "duration": info.duration, "fps": info.fps, "width": info.width, "height": info.height,
         "source_width": info.source_width, "source_height": info.source_height,
         "rotation": info.rotation, "start_time": info.start_time,
-        "timestamps": times, "frame_indices": indices, "decode_errors": info.decode_errors,
+        "timestamps": times, "decode_errors": info.decode_errors,
         "settings": settings.output_settings(),
     }
 
@@ -138,7 +138,6 @@ def _ingest_video(
     """Decode, encode and append one video; returns its frame count or raises VideoError."""
     jpegs: list[bytes] = []
     times: list[float] = []
-    indices: list[int] = []
     t_decode = t_encode = 0.0
     mark = time.perf_counter()
     with VideoDecoder(video.path, settings.decode) as decoder:
@@ -147,11 +146,10 @@ def _ingest_video(
             t_decode += now - mark
             jpegs.append(encode_jpeg(candidate.rgb, settings.jpeg_quality))
             times.append(candidate.time)
-            indices.append(candidate.index)
             mark = time.perf_counter()
             t_encode += mark - now
         t_decode += time.perf_counter() - mark
-        meta = _video_meta(video, decoder, times, indices, settings)
+        meta = _video_meta(video, decoder, times, settings)
     mark = time.perf_counter()
     writer.add(video.id, meta, jpegs)
     timings["decode"] += t_decode
@@ -266,6 +264,16 @@ def _drain(events: Any, report: Callable[[VideoDone], None]) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
+def _with_decoder_threads(settings: IngestSettings, shards_to_do: int) -> IngestSettings:
+    """Automatic decoder threads (0) become cores / busy workers: two workers on two cores
+    decode faster with one thread each than with two threads each fighting for the cores."""
+    if settings.decode.threads:
+        return settings
+    busy = max(1, min(settings.workers, shards_to_do))
+    threads = max(1, (os.cpu_count() or 1) // busy)
+    return replace(settings, decode=replace(settings.decode, threads=threads))
+
+
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     existing = shards.read_plan(out)
     if existing is None:
@@ -321,6 +329,7 @@ def ingest(
                 done_videos += len(ids)
         if on_start is not None:
             on_start(sum(len(v) for _, v in todo), done_videos)
+        settings = _with_decoder_threads(settings, len(todo))
         if settings.workers == 1 or len(todo) <= 1:
             written = [ingest_shard(i, vids, out_dir, settings, report) for i, vids in todo]
             crashes: list[tuple[str, str]] = []

@@ -56,7 +56,6 @@ def test_every_frame_matches_ffmpeg_pixels_and_timestamps(videos, nasa_reference
     times, pixels = nasa_reference
     frames, info = decode(videos / "nasa_13013.mp4", fps=None, max_frames=None, size=None)
     assert len(frames) == len(times) == 325
-    assert [f.index for f in frames] == list(range(325))
     assert max(abs(f.time - t) for f, t in zip(frames, times, strict=True)) < 1e-6
     for i, expected in pixels.items():
         assert frames[i].rgb.shape == expected.shape == (180, 320, 3)
@@ -68,7 +67,7 @@ def test_fps_cap_keeps_the_first_frame_at_each_target(videos, nasa_reference):
     times, _ = nasa_reference
     frames, _ = decode(videos / "nasa_13013.mp4", fps=4, max_frames=None, size=None)
     expected = oracle_selection(times, 0.25, None)
-    assert [f.index for f in frames] == expected
+    assert [f.time for f in frames] == [times[i] for i in expected]
     assert [f.time for f in frames] == pytest.approx([times[i] for i in expected], abs=1e-6)
     assert len(frames) == 52  # 13 s at 4 per second
     # never more than 4 frames in any one-second window starting at a kept frame
@@ -81,7 +80,7 @@ def test_frame_cap_spreads_frames_uniformly_over_the_duration(videos, nasa_refer
     frames, info = decode(videos / "nasa_13013.mp4", fps=4, max_frames=10, size=None)
     assert info.duration == pytest.approx(13.0)
     step = 13.0 / 10  # the cap bites: 13 s * 4 fps = 52 > 10
-    assert [f.index for f in frames] == oracle_selection(times, step, 10)
+    assert [f.time for f in frames] == [times[i] for i in oracle_selection(times, step, 10)]
     assert len(frames) == 10
     gaps = np.diff([f.time for f in frames])
     assert gaps.min() >= step - 0.04 - 1e-6 and gaps.max() <= step + 0.04 + 1e-6
@@ -93,7 +92,8 @@ def test_frame_cap_without_container_frame_count(videos):
     times = all_times(path)
     frames, info = decode(path, fps=None, max_frames=16, size=64)
     assert len(times) == 720 and len(frames) == 16
-    assert [f.index for f in frames] == oracle_selection(times, (30.003 - times[0]) / 16, 16)
+    expected = oracle_selection(times, (30.003 - times[0]) / 16, 16)
+    assert [f.time for f in frames] == [times[i] for i in expected]
     assert frames[-1].time > 27.0  # reaches the end of the video
 
 
@@ -108,7 +108,7 @@ def test_resize_sets_the_short_side_and_keeps_the_picture(videos):
     path = videos / "big_buck_bunny_0_30.webm"
     full, _ = decode(path, fps=1, max_frames=None, size=None)
     small, info = decode(path, fps=1, max_frames=None, size=384)
-    assert [f.index for f in full] == [f.index for f in small]
+    assert [f.time for f in full] == [f.time for f in small]
     assert small[0].rgb.shape == (384, 683, 3) and (info.width, info.height) == (683, 384)
     # the same picture as an independent resize of the full frame (PIL, box filter)
     for a, b in zip(full[::10], small[::10], strict=True):
@@ -191,3 +191,15 @@ def test_settings_are_checked():
         DecodeSettings(fps=-1)
     with pytest.raises(ValueError, match="max_frames"):
         DecodeSettings(max_frames=-5)
+
+
+@pytest.mark.parametrize("name", ["nasa_13013.mp4", "asl_book.mkv", "big_buck_bunny_0_30.webm"])
+def test_skipping_frames_before_the_next_target_changes_no_kept_pixel(videos, name):
+    """With a cap, non-reference frames before the next target are not decoded; the kept
+    frames must equal the same frames taken from a decode of every frame."""
+    everything, _ = decode(videos / name, fps=None, max_frames=None, size=96)
+    by_time = {f.time: f.rgb for f in everything}
+    capped, _ = decode(videos / name, fps=3, max_frames=None, size=96)
+    assert 0 < len(capped) < len(everything)
+    for frame in capped:
+        assert np.array_equal(frame.rgb, by_time[frame.time]), frame.time
