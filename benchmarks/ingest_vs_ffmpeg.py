@@ -11,7 +11,7 @@ refocus runs as one ``refocus ingest`` process with ``--workers W`` and a shard 
 keeps every worker busy (``ceil(videos / (2 W))``), and ``--max-frames 0`` since ffmpeg has
 no such cap. ffmpeg runs once per video, ``W`` at a time (a thread pool of subprocesses)::
 
-    ffmpeg -nostdin -loglevel error -threads 0 -i VIDEO -map 0:v:0 \\
+    ffmpeg -nostdin -loglevel error -threads T -i VIDEO -map 0:v:0 \\
         -vf "fps=F,scale='if(lt(iw,ih),min(S,iw),-1)':'if(lt(iw,ih),-1,min(S,ih))':flags=area" \\
         -q:v 2 OUT/%06d.jpg
 
@@ -76,13 +76,15 @@ class Config:
     repeats: int
     jpeg_quality: int
     ffmpeg_qscale: int
+    ffmpeg_threads: int
     out: Path | None
 
     @property
     def common(self) -> dict[str, Any]:
         return {"fps": self.fps, "size": self.size, "workers": self.workers,
                 "copies": self.copies, "repeats": self.repeats,
-                "refocus_jpeg_quality": self.jpeg_quality, "ffmpeg_qscale": self.ffmpeg_qscale}
+                "refocus_jpeg_quality": self.jpeg_quality, "ffmpeg_qscale": self.ffmpeg_qscale,
+                "ffmpeg_threads": self.ffmpeg_threads}
 
 
 @dataclass
@@ -136,6 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per tool; best is used")
     p.add_argument("--jpeg-quality", type=int, default=90, help="refocus --jpeg-quality")
     p.add_argument("--ffmpeg-qscale", type=int, default=2, help="ffmpeg -q:v (2-31, 2 best)")
+    p.add_argument("--ffmpeg-threads", type=int, default=0,
+                   help="ffmpeg -threads per process (0: ffmpeg's automatic choice)")
     p.add_argument("--out", type=Path, default=None, help="write the results here (JSON)")
     a = p.parse_args(argv)
     for name in ("copies", "workers", "repeats"):
@@ -148,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     if not videos:
         p.error("no videos found")
     return Config(videos, a.copies, a.fps, a.size, a.workers, a.repeats, a.jpeg_quality,
-                  a.ffmpeg_qscale, a.out)
+                  a.ffmpeg_qscale, a.ffmpeg_threads, a.out)
 
 
 def collect_videos(items: Iterable[Path]) -> list[Path]:
@@ -214,7 +218,7 @@ def ffmpeg_filter(fps: float, size: int) -> str | None:
 def ffmpeg_command(ffmpeg: str, video: Path, out_dir: Path, cfg: Config,
                    strict: bool = False) -> list[str]:
     cmd = [ffmpeg, "-nostdin", "-loglevel", "error", *(["-xerror"] if strict else []),
-           "-threads", "0", "-i", str(video), "-map", "0:v:0"]
+           "-threads", str(cfg.ffmpeg_threads), "-i", str(video), "-map", "0:v:0"]
     vf = ffmpeg_filter(cfg.fps, cfg.size)
     if vf:
         cmd += ["-vf", vf]
@@ -423,7 +427,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Corpus: {c['videos']} videos ({c['sources']} sources x {s['copies']} copies); "
         f"fps {s['fps']:g}, short side {s['size']}, {s['workers']} workers, "
         f"best of {s['repeats']}; JPEG: refocus quality {s['refocus_jpeg_quality']}, "
-        f"ffmpeg -q:v {s['ffmpeg_qscale']}.",
+        f"ffmpeg -q:v {s['ffmpeg_qscale']}, -threads {s['ffmpeg_threads']}.",
     ]
     if c["skipped"]:
         names = ", ".join(Path(v).name for v in c["skipped"])
