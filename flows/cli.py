@@ -8,10 +8,12 @@ not run (bad arguments, unreadable inputs, an output folder in use); 130 interru
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from flows import console
 from pipelines.decode import DecodeSettings
@@ -40,35 +42,29 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+def _number(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float) within [low, high]."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}")
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {text}")
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return value
 
     return parse
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+_positive_int = _number(int, 1)
+_non_negative_int = _number(int, 0)
+_non_negative_float = _number(float, 0.0)
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -97,7 +93,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="at most N candidates per video, spread over its duration (0: no cap)")
     p.add_argument("--size", type=_non_negative_int, default=384, metavar="S",
                    help="resize to this short side, keeping the aspect; never upscales (0: keep)")
-    p.add_argument("--jpeg-quality", type=_int_in(1, 100), default=90, metavar="Q",
+    p.add_argument("--jpeg-quality", type=_number(int, 1, 100), default=90, metavar="Q",
                    help="JPEG quality, 1-100")
     p.add_argument("--stream", type=_non_negative_int, default=0, metavar="K",
                    help="which video stream of each file to decode (0: the first)")

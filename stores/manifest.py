@@ -36,6 +36,11 @@ QUESTION_FIELDS = {
 }
 
 
+def _row(**fields: Any) -> dict[str, Any]:
+    """A manifest row: the fields that are set, in the order given."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 @dataclass(frozen=True)
 class Video:
     """One video of a corpus. ``path`` is absolute, or a URL PyAV can open."""
@@ -47,13 +52,8 @@ class Video:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_row(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"type": "video", "id": self.id, "path": self.path}
-        if self.duration is not None:
-            row["duration"] = self.duration
-        if self.split is not None:
-            row["split"] = self.split
-        row.update(self.meta)
-        return row
+        return _row(type="video", id=self.id, path=self.path, duration=self.duration,
+                    split=self.split, **self.meta)
 
 
 @dataclass(frozen=True)
@@ -74,18 +74,12 @@ class Question:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_row(self) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "type": "question", "qid": self.qid, "video_id": self.video_id,
-            "question": self.question, "options": list(self.options), "answer": self.answer,
-        }
-        if self.evidence:
-            row["evidence"] = [list(span) for span in self.evidence]
-        if self.split is not None:
-            row["split"] = self.split
-        if self.category is not None:
-            row["category"] = self.category
-        row.update(self.meta)
-        return row
+        return _row(
+            type="question", qid=self.qid, video_id=self.video_id, question=self.question,
+            options=list(self.options), answer=self.answer,
+            evidence=[list(span) for span in self.evidence] or None, split=self.split,
+            category=self.category, **self.meta,
+        )
 
 
 @dataclass(frozen=True)

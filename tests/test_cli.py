@@ -38,6 +38,23 @@ def test_unknown_options_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--fps", "inf", "not a finite number: 'inf'"),
+        ("--fps", "-1", "must be at least 0.0"),
+        ("--max-frames", "2.5", "not an integer: '2.5'"),
+        ("--workers", "0", "must be at least 1"),
+        ("--jpeg-quality", "0", "must be in 1..100"),
+    ],
+)
+def test_bad_option_values_are_named(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as caught:
+        main(["ingest", str(tmp_path), "--out", str(tmp_path / "o"), option, value])
+    assert caught.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
 def test_import_nextgqa_writes_a_manifest_that_validates(tmp_path, shared_data, capsys):
     ann = shared_data / "annotations"
     out = tmp_path / "gqa.jsonl"
