@@ -245,9 +245,10 @@ def _run_pool(
                         crashes.append((name, f"worker died ({e})"))
                     except Exception as e:  # recorded; the other shards go on
                         crashes.append((name, f"{type(e).__name__}: {e}".splitlines()[0]))
-        except BaseException:
-            for future in pending:
-                future.cancel()
+        except BaseException:  # Ctrl-C: stop now; unfinished shards are redone on re-run
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             _drain(events, report)

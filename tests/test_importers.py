@@ -124,6 +124,9 @@ def test_inputs_combine_files_folders_and_manifests(tmp_path, videos):
     assert read_manifest(tmp_path / "m.jsonl").videos[0].path == str(videos / "realshort.mp4")
     with pytest.raises(UserError, match="no such file or folder"):
         from_inputs([str(tmp_path / "nothing-here")])
+    url = from_inputs(["https://example.org/media/clip.v2.mp4?token=1"])
+    assert [(v.id, v.path) for v in url.videos] == [
+        ("clip_v2", "https://example.org/media/clip.v2.mp4?token=1")]
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(UserError, match="refocus import"):
         from_inputs([str(tmp_path / "a.csv")])

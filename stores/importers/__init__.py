@@ -10,24 +10,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from stores.errors import UserError
-from stores.importers.folder import VIDEO_EXTENSIONS, import_folder, import_video_files
+from stores.importers.folder import (
+    VIDEO_EXTENSIONS,
+    import_folder,
+    import_video_files,
+    import_video_url,
+)
 from stores.importers.nextqa import import_nextgqa, import_nextqa
 from stores.manifest import Manifest, merge, read_manifest
 
 __all__ = [
-    "VIDEO_EXTENSIONS", "import_folder", "import_video_files", "import_nextqa",
+    "VIDEO_EXTENSIONS", "import_folder", "import_video_files", "import_video_url", "import_nextqa",
     "import_nextgqa", "from_inputs",
 ]
 
 
 def from_inputs(inputs: list[str]) -> Manifest:
-    """Resolve command-line inputs — video files, folders, ``.jsonl`` manifests — into one
-    manifest. Unknown kinds of input fail at once with a message naming them."""
+    """Resolve command-line inputs — video files or URLs, folders, ``.jsonl`` manifests —
+    into one manifest. Unknown kinds of input fail at once with a message naming them."""
     parts: list[Manifest] = []
     loose: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if "://" in item:
+            parts.append(import_video_url(item))
+        elif p.is_dir():
             parts.append(import_folder(p))
         elif p.suffix.lower() == ".jsonl":
             parts.append(read_manifest(p))

@@ -36,6 +36,14 @@ def import_video_files(paths: list[Path], root: Path | None = None) -> Manifest:
     return build_manifest(rows)
 
 
+def import_video_url(url: str) -> Manifest:
+    """One video row for a URL that PyAV can open (http, https, rtmp, ...); the id is the
+    last path component without its extension."""
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return build_manifest([(url, {"type": "video", "id": safe_component(stem), "path": url})])
+
+
 def import_folder(root: str | os.PathLike[str]) -> Manifest:
     """Every video file under ``root`` (recursive, by extension), in sorted path order."""
     base = Path(root)
