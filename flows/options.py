@@ -1,0 +1,57 @@
+"""Shared pieces of the command line: help formatting, option types, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """\
+exit status: 0 all landed · 1 finished, some inputs failed (see the summary) ·
+             2 could not run (bad arguments or inputs) · 130 interrupted
+"""
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; appends real defaults (not None/False) to help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def number(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float) within [low, high]."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}")
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {text}")
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+non_negative_float = number(float, 0.0)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
+                ) -> argparse.ArgumentParser:
+    """A subcommand with the shared formatter and the exit-status epilog."""
+    return sub.add_parser(name, formatter_class=Formatter, epilog=EPILOG, help=summary,
+                          description=description)

@@ -1,0 +1,329 @@
+"""Embed: frame shards → CLIP embeddings in the feature store (+ questions, + FAISS index).
+
+reader → mapper → writer, each testable alone:
+
+* **plan** — from the ingest markers, the rows of every landed video (in plan order) and, per
+  input shard, fixed batches of at most ``batch_size`` consecutive rows that never cross a
+  shard boundary, so a row's embedding never depends on what else was pending (a resumed run
+  writes the same bytes as an uninterrupted one);
+* **reader** (``FrameBatches``, in DataLoader worker processes) — reads a batch's frames from
+  the shards by byte range, decodes the JPEGs and preprocesses them; batches are dealt to the
+  workers in turn, so JPEG work overlaps the model;
+* **mapper** — the model forward in the main process (CUDA with autocast when present);
+* **writer** — when all batches of an input shard are in, its rows go to Zarr and its done
+  marker is written. A re-run skips shards with markers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines.encoder import Encoder, format_question
+from stores import shards as shard_files
+from stores.errors import UserError
+from stores.features import FeatureWriter, Layout
+from stores.index import IndexSettings, build_index
+from stores.manifest import Manifest, Question
+from stores.shards import SampleLocation, ShardSet
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    batch_size: int = 64
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    index: IndexSettings | None = field(default_factory=IndexSettings)  # None: no index
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows [start, stop) of the store, all from input shard ``shard``."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+@dataclass
+class ShardPlan:
+    """One input shard: its videos' rows and frame rows in the store, and its batches."""
+
+    index: int
+    videos: slice
+    rows: slice
+    batches: list[Batch]
+
+
+@dataclass
+class EmbedPlan:
+    layout: Layout
+    locations: list[SampleLocation]  # per video row
+    shards: list[ShardPlan]
+
+
+def plan(shard_set: ShardSet, batch_size: int) -> EmbedPlan:
+    """Rows and batches for every landed video of a finished ingest."""
+    n_shards = len(shard_set.plan["shards"])
+    markers = shard_set.markers()
+    if len(markers) < n_shards:
+        raise UserError(f"{shard_set.directory}: ingest is unfinished ({len(markers)} of "
+                        f"{n_shards} shards done); run the same refocus ingest again first")
+    locations: list[SampleLocation] = []
+    shard_plans: list[ShardPlan] = []
+    row = 0
+    for index, marker in enumerate(markers):
+        first_video, first_row = len(locations), row
+        for s in marker["samples"]:
+            locations.append(SampleLocation(s["video_id"], marker["shard"], s["position"],
+                                            s["start"], s["end"], s["frames"]))
+            row += s["frames"]
+        batches = [Batch(index, start, min(start + batch_size, row))
+                   for start in range(first_row, row, batch_size)]
+        shard_plans.append(ShardPlan(index, slice(first_video, len(locations)),
+                                     slice(first_row, row), batches))
+    layout = Layout([loc.video_id for loc in locations], [loc.frames for loc in locations])
+    return EmbedPlan(layout, locations, shard_plans)
+
+
+# ----------------------------------------------------------------------------- reader
+
+@dataclass
+class LoadedBatch:
+    batch: Batch
+    pixels: torch.Tensor  # [rows, 3, H, W]
+    time: np.ndarray  # [rows] timestamps
+    duration: dict[int, float]  # video row → duration, for videos that start in this batch
+    seconds: dict[str, float]  # read / decode / preprocess
+
+
+class FrameBatches(IterableDataset):
+    """Yields preprocessed batches; worker w of W takes batches w, w+W, ..."""
+
+    def __init__(self, shards_dir: Path, embed_plan: EmbedPlan, batches: list[Batch],
+                 preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.shards_dir = shards_dir
+        self.locations = embed_plan.locations
+        self.offsets = embed_plan.layout.offsets
+        self.batches = batches
+        self.preprocess = preprocess
+
+    def __iter__(self) -> Iterator[LoadedBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        reader = ShardSet(self.shards_dir)
+        cache: tuple[int, Any] | None = None  # the last video read: batches often share one
+        for batch in self.batches[worker::workers]:
+            seconds = {"read": 0.0, "decode": 0.0, "preprocess": 0.0}
+            pixels, times, durations = [], [], {}
+            video = int(np.searchsorted(self.offsets, batch.start, side="right") - 1)
+            row = batch.start
+            while row < batch.stop:
+                t0 = time.perf_counter()
+                if cache is None or cache[0] != video:
+                    cache = (video, reader.read(self.locations[video].video_id,
+                                                self.locations[video]))
+                sample = cache[1]
+                t1 = time.perf_counter()
+                seconds["read"] += t1 - t0
+                first = row - int(self.offsets[video])
+                last = min(batch.stop, int(self.offsets[video + 1])) - int(self.offsets[video])
+                if first == 0:
+                    durations[video] = float(sample.meta.get("duration") or np.nan)
+                for i in range(first, last):
+                    t1 = time.perf_counter()
+                    image = Image.open(io.BytesIO(sample.frames[i])).convert("RGB")
+                    t2 = time.perf_counter()
+                    pixels.append(self.preprocess(image))
+                    seconds["decode"] += t2 - t1
+                    seconds["preprocess"] += time.perf_counter() - t2
+                times.extend(sample.meta["timestamps"][first:last])
+                row += last - first
+                video += 1
+            yield LoadedBatch(batch, torch.stack(pixels), np.asarray(times), durations, seconds)
+
+
+def _keep(item: LoadedBatch) -> LoadedBatch:  # DataLoader collate: batches come ready-made
+    return item
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class EmbedSummary:
+    out: str
+    frames: int = 0  # in the store
+    videos: int = 0
+    questions: int = 0
+    frames_written: int = 0  # by this run
+    shards_written: int = 0
+    shards_skipped: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    index: dict[str, Any] | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames_written / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "frames_per_second": round(self.frames_per_second, 2)}
+
+
+@dataclass
+class _ShardBuffer:
+    plan: ShardPlan
+    embedding: np.ndarray
+    time: np.ndarray
+    duration: np.ndarray
+    pending: int
+
+
+def embed(
+    shards_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    encoder: Encoder,
+    settings: EmbedSettings,
+    questions: Manifest | None = None,
+    *,
+    on_start: Callable[[int, int], None] | None = None,
+    report: Callable[[int], None] | None = None,
+) -> EmbedSummary:
+    """Embed the frames of a finished ingest (and ``questions``) into the store at ``out``.
+
+    ``on_start(frames_to_do, frames_done)`` and ``report(frames)`` feed a progress display.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = ShardSet(shards_dir)
+    embed_plan = plan(source, settings.batch_size)
+    ingest_info = {"shards": str(Path(shards_dir).resolve()), "settings": source.plan["settings"]}
+    summary = EmbedSummary(out=str(out_dir))
+    with shard_files.exclusive_lock(out_dir / ".embed.lock", f"feature folder {out_dir}"):
+        for stale in (out_dir / "features.zarr").rglob("*.partial"):
+            stale.unlink()  # chunk writes a killed run left half-done (never renamed)
+        writer = FeatureWriter(out_dir, embed_plan.layout, encoder.identity, ingest_info)
+        todo = [s for s in embed_plan.shards if not writer.done(s.index)]
+        summary.shards_skipped = len(embed_plan.shards) - len(todo)
+        rows_todo = sum(s.rows.stop - s.rows.start for s in todo)
+        if on_start is not None:
+            on_start(rows_todo, embed_plan.layout.n_frames - rows_todo)
+        timings = _embed_frames(Path(shards_dir), embed_plan, todo, encoder, writer, settings,
+                                report or (lambda n: None))
+        summary.frames_written = rows_todo
+        summary.shards_written = len(todo)
+        if questions is not None:
+            summary.questions, summary.failures = _embed_questions(questions, embed_plan,
+                                                                   encoder, writer)
+        summary.frames = embed_plan.layout.n_frames
+        summary.videos = len(embed_plan.layout.video_ids)
+        if settings.index is not None and summary.frames:
+            t0 = time.perf_counter()
+            summary.index = build_index(out_dir, settings.index)
+            timings["index"] = time.perf_counter() - t0
+        summary.timings = {k: round(v, 3) for k, v in timings.items()}
+        summary.seconds = round(time.perf_counter() - started, 3)
+        shard_files.write_json_atomic(out_dir / "summary.json", summary.as_dict())
+    return summary
+
+
+def _embed_frames(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan],
+                  encoder: Encoder, writer: FeatureWriter, settings: EmbedSettings,
+                  report: Callable[[int], None]) -> dict[str, float]:
+    timings = {"read": 0.0, "decode": 0.0, "preprocess": 0.0, "wait": 0.0, "model": 0.0,
+               "write": 0.0}
+    if not todo:
+        return timings
+    batches = [b for s in todo for b in s.batches]
+    dataset = FrameBatches(shards_dir, embed_plan, batches, encoder.preprocess)
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_keep,
+                        num_workers=min(settings.workers, len(batches)),
+                        pin_memory=encoder.device.type == "cuda",
+                        prefetch_factor=4 if settings.workers else None)
+    buffers: dict[int, _ShardBuffer] = {}
+    for shard in todo:
+        n = shard.rows.stop - shard.rows.start
+        buffers[shard.index] = _ShardBuffer(
+            shard, np.zeros((n, encoder.dim), np.float16), np.zeros(n),
+            np.full(shard.videos.stop - shard.videos.start, np.nan), len(shard.batches))
+    mark = time.perf_counter()
+    for item in loader:
+        now = time.perf_counter()
+        timings["wait"] += now - mark
+        for k, v in item.seconds.items():
+            timings[k] += v
+        features = encoder.encode_images(item.pixels)
+        mark = time.perf_counter()
+        timings["model"] += mark - now
+        buffer = buffers[item.batch.shard]
+        local = slice(item.batch.start - buffer.plan.rows.start,
+                      item.batch.stop - buffer.plan.rows.start)
+        buffer.embedding[local] = features
+        buffer.time[local] = item.time
+        for video, duration in item.duration.items():
+            buffer.duration[video - buffer.plan.videos.start] = duration
+        buffer.pending -= 1
+        if buffer.pending == 0:
+            writer.write_shard(buffer.plan.index, buffer.plan.rows, buffer.embedding,
+                               buffer.time, buffer.plan.videos, buffer.duration,
+                               {"frames": len(buffer.time)})
+            del buffers[item.batch.shard]
+        report(item.batch.stop - item.batch.start)
+        done = time.perf_counter()
+        timings["write"] += done - mark
+        mark = done
+    return timings
+
+
+def _questions_digest(questions: list[Question], identity: dict[str, Any]) -> str:
+    payload = json.dumps([[q.qid, q.video_id, q.question, list(q.options), q.answer]
+                          for q in questions] + [identity.get("weights_sha256")])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _embed_questions(manifest: Manifest, embed_plan: EmbedPlan, encoder: Encoder,
+                     writer: FeatureWriter, batch_size: int = 256) -> tuple[int, list[str]]:
+    rows = {vid: i for i, vid in enumerate(embed_plan.layout.video_ids)}
+    usable = [q for q in manifest.questions if q.video_id in rows]
+    failures = [f"question {q.qid}: video {q.video_id!r} is not in the shards (it failed "
+                "to ingest, or was never ingested)" for q in manifest.questions
+                if q.video_id not in rows]
+    digest = _questions_digest(usable, encoder.identity)
+    if writer.questions_done(digest):
+        return len(usable), failures
+
+    def encode(texts: list[str]) -> np.ndarray:
+        parts = [encoder.encode_texts(texts[i:i + batch_size])
+                 for i in range(0, len(texts), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+
+    options = [o for q in usable for o in q.options]
+    writer.write_questions(
+        qids=[q.qid for q in usable],
+        video=np.array([rows[q.video_id] for q in usable], dtype=np.int32),
+        answer=np.array([q.answer for q in usable], dtype=np.int16),
+        embedding=encode([format_question(q.question, q.options) for q in usable]),
+        option_offsets=np.concatenate([[0], np.cumsum([len(q.options) for q in usable])]),
+        option_embedding=encode(options),
+        digest=digest,
+    )
+    return len(usable), failures
