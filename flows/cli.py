@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from flows import console
-from flows.commands import ingest, manifests
+from flows.commands import features, ingest, manifests
 from flows.options import (  # noqa: F401  (exit codes are part of this module's interface)
     EPILOG,
     EXIT_FAILURES,
@@ -25,7 +25,8 @@ from refocus import __version__
 from stores.errors import UserError
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    ingest.add, manifests.add_import, manifests.add_validate,
+    ingest.add, manifests.add_import, manifests.add_validate, features.add_embed,
+    features.add_search,
 ]
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.encoder import Encoder, format_question
+from pipelines.workers import dataloader_worker_init
 from stores import shards as shard_files
 from stores.errors import UserError
 from stores.features import FeatureWriter, Layout
@@ -100,6 +101,8 @@ def plan(shard_set: ShardSet, batch_size: int) -> EmbedPlan:
         shard_plans.append(ShardPlan(index, slice(first_video, len(locations)),
                                      slice(first_row, row), batches))
     layout = Layout([loc.video_id for loc in locations], [loc.frames for loc in locations])
+    if layout.n_frames == 0:
+        raise UserError(f"{shard_set.directory}: no frames to embed (no video landed)")
     return EmbedPlan(layout, locations, shard_plans)
 
 
@@ -212,10 +215,10 @@ def embed(
     ``on_start(frames_to_do, frames_done)`` and ``report(frames)`` feed a progress display.
     """
     started = time.perf_counter()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     source = ShardSet(shards_dir)
     embed_plan = plan(source, settings.batch_size)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ingest_info = {"shards": str(Path(shards_dir).resolve()), "settings": source.plan["settings"]}
     summary = EmbedSummary(out=str(out_dir))
     with shard_files.exclusive_lock(out_dir / ".embed.lock", f"feature folder {out_dir}"):
@@ -258,6 +261,7 @@ def _embed_frames(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan]
     loader = DataLoader(dataset, batch_size=None, collate_fn=_keep,
                         num_workers=min(settings.workers, len(batches)),
                         pin_memory=encoder.device.type == "cuda",
+                        worker_init_fn=dataloader_worker_init,
                         prefetch_factor=4 if settings.workers else None)
     buffers: dict[int, _ShardBuffer] = {}
     for shard in todo:

@@ -108,6 +108,7 @@ def _normalise(features: torch.Tensor) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Resolved:
+    source: str  # the model as given, with files made absolute: how to load it again
     name: str  # what open_clip.create_model gets
     pretrained: str | None  # tag or file for create_model (None: none, or they come with name)
     weights: str  # what the user named (tag, path, hub id, random)
@@ -126,7 +127,7 @@ def _folder_model(folder: Path, label: str) -> _Resolved:
         raise UserError(f"{label}: cannot read open_clip_config.json ({e})") from None
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
-            return _Resolved(f"local-dir:{folder}", None, label, str(folder / name),
+            return _Resolved(label, f"local-dir:{folder}", None, label, str(folder / name),
                              config.get("model_cfg", {}))
     raise UserError(f"{label}: no weights ({' or '.join(WEIGHT_FILES)}) in {folder}")
 
@@ -175,14 +176,15 @@ def _resolve(model: str, pretrained: str | None) -> _Resolved:
     if model.startswith("hf-hub:"):
         return _hub_model(model[len("hf-hub:"):])
     if model.startswith("local-dir:"):
-        return _folder_model(Path(model[len("local-dir:"):]), model)
-    name = model
+        folder = Path(model[len("local-dir:"):]).resolve()
+        return _folder_model(folder, f"local-dir:{folder}")
+    name = source = model
     if model.endswith(".json"):
-        path = Path(model)
+        path = Path(model).resolve()
         if not path.is_file():
             raise UserError(f"{model}: architecture config not found")
         open_clip.add_model_config(path)
-        name = path.stem
+        name, source = path.stem, str(path)
     config = open_clip.get_model_config(name)
     if config is None or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
         raise UserError(f"{model}: not an open_clip architecture (a built-in name such as "
@@ -192,11 +194,13 @@ def _resolve(model: str, pretrained: str | None) -> _Resolved:
         raise UserError(f"{model}: no weights given; pass --pretrained TAG or FILE (tags: "
                         f"{_tags(name)}), or --pretrained {RANDOM} for random initialisation")
     if pretrained == RANDOM:
-        return _Resolved(name, None, RANDOM, None, config)
+        return _Resolved(source, name, None, RANDOM, None, config)
     if Path(pretrained).is_file():
-        return _Resolved(name, pretrained, pretrained, pretrained, config)
+        weights = str(Path(pretrained).resolve())
+        return _Resolved(source, name, weights, weights, weights, config)
     if open_clip.get_pretrained_cfg(name, pretrained):
-        return _Resolved(name, pretrained, pretrained, _tag_weights(name, pretrained), config)
+        return _Resolved(source, name, pretrained, pretrained, _tag_weights(name, pretrained),
+                         config)
     raise UserError(f"--pretrained {pretrained!r}: no such file, and not a tag of {name} "
                     f"(tags: {_tags(name)})")
 
@@ -219,11 +223,19 @@ def load_encoder(model: str, pretrained: str | None = None, device: str | None =
     return Encoder(clip, preprocess, tokenizer, target, _identity(spec, clip))
 
 
+def load_encoder_of(identity: dict[str, Any], device: str | None = None) -> Encoder:
+    """The encoder an identity was recorded from (model and weights as recorded)."""
+    pretrained = identity.get("pretrained")
+    model = str(identity.get("model"))
+    is_bundle = model.startswith(("hf-hub:", "local-dir:"))
+    return load_encoder(model, None if is_bundle else pretrained, device)
+
+
 def _identity(spec: _Resolved, clip: torch.nn.Module) -> dict[str, Any]:
     preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
     return {
-        "model": spec.name if not spec.name.startswith("local-dir:") else spec.weights,
-        "pretrained": spec.pretrained if spec.pretrained is not None else spec.weights,
+        "model": spec.source,
+        "pretrained": spec.weights,
         "config": spec.config,
         "config_sha256": hashlib.sha256(
             json.dumps(spec.config, sort_keys=True).encode()).hexdigest(),

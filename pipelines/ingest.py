@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.decode import DecodeSettings, VideoDecoder, VideoError
+from pipelines.workers import die_with_parent
 from stores import shards
 from stores.errors import UserError
 from stores.manifest import Issue, Manifest, Video, write_manifest
@@ -205,12 +206,7 @@ def _init_worker(events: Any) -> None:
     global _events
     _events = events
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt does
-    try:  # die with the parent (kill -9 included): no orphan may keep writing a shard
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    die_with_parent()
 
 
 def _worker_shard(index: int, videos: list[Video], out: str, settings: IngestSettings) -> dict:

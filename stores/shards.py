@@ -80,22 +80,25 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 @contextmanager
 def exclusive_lock(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (a lock file); wait up to ``wait`` seconds for it,
-    then fail naming ``what``."""
+    then fail naming ``what``.
+
+    A POSIX record lock (``lockf``): it belongs to this process alone, so worker processes
+    forked while it is held do not keep it alive after this process dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait
     with open(path, "a") as handle:
         while True:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError:
                 if time.monotonic() >= deadline:
                     raise UserError(f"{what} is in use by another process (lock {path})") from None
                 time.sleep(0.05)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

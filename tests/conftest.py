@@ -100,3 +100,60 @@ def good_corpus(tmp_path: Path, videos: Path) -> Path:
     for name in GOOD_VIDEOS:
         shutil.copy(videos / name, folder / name)
     return folder
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_tiny_clip(folder: Path, name: str = "tiny-clip", seed: int = 0) -> tuple[Path, Path]:
+    """A tiny open_clip architecture (JSON config) and random weights saved as safetensors."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipelines.encoder import load_encoder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{name}.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(seed)
+    encoder = load_encoder(str(config), "random")
+    weights = folder / f"{name}-seed{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, weights)
+    return config, weights
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> tuple[Path, Path]:
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory, shared_data) -> Path:
+    """The real videos (corrupted.mp4 included) ingested once, in 4 shards, with questions."""
+    import json
+
+    from flows.cli import main
+
+    root = tmp_path_factory.mktemp("ingested")
+    videos = shared_data / "videos"
+    rows = [{"id": Path(n).stem, "path": str(videos / n)} for n in GOOD_VIDEOS]
+    rows.insert(3, {"id": "corrupted", "path": str(videos / "corrupted.mp4")})
+    signs = ["book", "help", "milk", "no", "thanks", "yes"]
+    for sign in signs:
+        rows.append({"qid": f"q_{sign}", "video_id": f"asl_{sign}",
+                     "question": "Which sign is shown?", "options": signs,
+                     "answer": signs.index(sign)})
+    rows.append({"qid": "q_broken", "video_id": "corrupted", "question": "What happens?",
+                 "options": ["a", "b"], "answer": 0})
+    manifest = root / "corpus.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = root / "shards"
+    assert main(["ingest", str(manifest), "--out", str(out), "--shard-size", "3",
+                 "--workers", "1", "--fps", "2", "--size", "96"]) == 1  # corrupted.mp4 fails
+    return out

@@ -21,7 +21,7 @@ from PIL import Image
 
 from flows.cli import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, main
 from pipelines.decode import DecodeSettings, VideoDecoder
-from stores.shards import ShardSet, exclusive_lock, lock_path
+from stores.shards import ShardSet
 
 REFOCUS = str(Path(sys.executable).parent / "refocus")
 
@@ -162,9 +162,20 @@ def test_other_settings_on_an_existing_folder_are_refused(tmp_path, videos, caps
 
 def test_a_folder_in_use_is_refused(tmp_path, videos, capsys):
     out = tmp_path / "out"
-    with exclusive_lock(lock_path(out), "test"):
+    holder = subprocess.Popen(  # another process holds the folder's lock
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from stores.shards import exclusive_lock, lock_path\n"
+         f"with exclusive_lock(lock_path(Path({str(out)!r})), 'x'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         assert run_cli("ingest", videos / "realshort.mp4", "--out", out) == EXIT_USAGE
+    finally:
+        holder.kill()
+        holder.wait()
     assert "in use by another process" in capsys.readouterr().err
+    assert run_cli("ingest", videos / "realshort.mp4", "--out", out) == EXIT_OK  # released
 
 
 def test_retry_failed_redoes_only_shards_with_failures(tmp_path, videos):

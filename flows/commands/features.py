@@ -1,0 +1,151 @@
+"""refocus embed and refocus search: frames and questions → CLIP feature store, and
+text → frame search over it. (torch and open_clip are imported when a command runs, so that
+``refocus --help`` stays quick.)"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from flows import console
+from flows.options import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    add_command,
+    non_negative_int,
+    positive_int,
+)
+from stores.features import FeatureStore
+from stores.index import FrameIndex, IndexSettings
+from stores.manifest import merge, read_manifest
+from stores.shards import MANIFEST_FILE, ShardSet
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+
+def _add_encoder_options(p: argparse.ArgumentParser, model_default: str | None,
+                         pretrained_default: str | None) -> None:
+    p.add_argument("--model", default=model_default, metavar="NAME",
+                   help="open_clip architecture: a built-in name, a JSON config file, "
+                        "hf-hub:org/repo or local-dir:/path")
+    p.add_argument("--pretrained", default=pretrained_default, metavar="TAG|FILE",
+                   help="weights: an open_clip tag, a weights file, or 'random' "
+                        "(ignored for hf-hub: and local-dir:, which carry their own)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+
+
+def add_embed(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub, "embed", "embed frames and questions with CLIP into a Zarr feature store",
+        "Embed the frames of finished ingest shards (and the questions of a manifest) with an\n"
+        "open_clip model into a Zarr feature store, then build a FAISS frame index. Re-running\n"
+        "resumes: finished input shards are skipped.\n\n"
+        "examples:\n"
+        "  refocus embed --shards data/shards --out data/features\n"
+        "  refocus embed --shards data/shards --out data/features --model ViT-B-16 \\\n"
+        "      --pretrained /models/vit-b-16.safetensors --batch-size 256\n"
+        "  refocus embed --shards data/shards --out data/features --model my_arch.json \\\n"
+        "      --pretrained my_weights.safetensors --questions qa.jsonl",
+    )
+    p.add_argument("--shards", required=True, type=Path, metavar="DIR",
+                   help="an ingest output folder (refocus ingest --out)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="feature folder")
+    _add_encoder_options(p, DEFAULT_MODEL, DEFAULT_PRETRAINED)
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
+                   help="frames per model forward")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   metavar="W", help="DataLoader processes decoding and preprocessing JPEGs")
+    p.add_argument("--questions", type=Path, nargs="*", metavar="MANIFEST",
+                   help="manifests whose questions to embed (default: the questions of the "
+                        "ingested manifest)")
+    p.add_argument("--no-index", action="store_true", help="do not build the FAISS index")
+    p.add_argument("--ivf-threshold", type=positive_int, default=IndexSettings.ivf_threshold,
+                   metavar="N", help="use an IVF index above N frames (exact below)")
+    p.set_defaults(run=_run_embed)
+
+
+def _questions(args: argparse.Namespace) -> Any:
+    paths = args.questions if args.questions else [args.shards / MANIFEST_FILE]
+    manifests = [read_manifest(p) for p in paths if p.exists() or args.questions]
+    return merge(manifests) if manifests else None
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from pipelines.embed import EmbedSettings, embed, plan
+    from pipelines.encoder import load_encoder
+
+    plan(ShardSet(args.shards), args.batch_size)  # a bad --shards fails before the model loads
+    encoder = load_encoder(args.model, args.pretrained, args.device)
+    index = None if args.no_index else IndexSettings(ivf_threshold=args.ivf_threshold)
+    settings = EmbedSettings(batch_size=args.batch_size, workers=args.workers, index=index)
+    with console.progress_bar("embed", "frames") as bar:
+        task = bar.add_task("embed", total=None, detail="")
+
+        def on_start(todo: int, done: int) -> None:
+            bar.update(task, total=todo, detail=f"({done} already done)" if done else "")
+
+        summary = embed(args.shards, args.out, encoder, settings, _questions(args),
+                        on_start=on_start, report=lambda n: bar.update(task, advance=n))
+    _print_summary(summary, encoder.device.type)
+    return EXIT_FAILURES if summary.failures else EXIT_OK
+
+
+def _print_summary(s: Any, device: str) -> None:
+    out = console.out
+    t = s.timings
+    out.print(f"[bold]embed[/] → {s.out}", markup=True)
+    out.print(f"  frames    {s.frames} in {s.videos} videos (this run: {s.frames_written}, "
+              f"{s.shards_written} shards; {s.shards_skipped} already done)")
+    out.print(f"  questions {s.questions}")
+    out.print(f"  time      {s.seconds:.1f} s, {s.frames_per_second:.1f} frames/s on {device} "
+              f"(model {t.get('model', 0):.1f} s, waiting for input {t.get('wait', 0):.1f} s, "
+              f"write {t.get('write', 0):.1f} s, index {t.get('index', 0):.1f} s)")
+    if s.index:
+        out.print(f"  index     {s.index['kind']} over {s.index['frames']} frames")
+    if s.failures:
+        out.print(f"  [red]failures {len(s.failures)}[/]", markup=True)
+        console.list_failures(s.failures)
+
+
+def add_search(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub, "search", "find the frames that best match a text",
+        "Search a feature store's frames with a text query, using the store's own encoder.\n\n"
+        "examples:\n"
+        "  refocus search --store data/features \"a person opening a door\"\n"
+        "  refocus search --store data/features \"a red circle\" --k 20 --sheet hits.png",
+    )
+    p.add_argument("query", help="the text to look for")
+    p.add_argument("--store", required=True, type=Path, metavar="DIR",
+                   help="feature folder (refocus embed --out)")
+    p.add_argument("--k", type=positive_int, default=10, help="how many frames")
+    p.add_argument("--sheet", type=Path, metavar="PNG",
+                   help="also write a contact sheet of the hits (frames from the shards)")
+    _add_encoder_options(p, None, None)
+    p.set_defaults(run=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from pipelines.encoder import load_encoder, load_encoder_of
+    from pipelines.sheet import contact_sheet
+
+    index = FrameIndex(args.store)
+    store = index.store
+    if args.model:
+        encoder = load_encoder(args.model, args.pretrained, args.device)
+    else:
+        encoder = load_encoder_of(store.encoder, args.device)
+    store.check_encoder(encoder.identity)
+    hits = index.hits(encoder.encode_texts([args.query])[0], args.k)
+    out = console.out
+    out.print(f"{'rank':>4}  {'video':<30} {'time (s)':>9}  {'score':>6}")
+    for rank, hit in enumerate(hits, start=1):
+        out.print(f"{rank:>4}  {hit.video_id:<30} {hit.time:>9.3f}  {hit.score:>6.3f}")
+    if args.sheet:
+        shards = FeatureStore(args.store).ingest.get("shards")
+        path = contact_sheet(hits, shards, args.sheet, title=f"“{args.query}”")
+        out.print(f"contact sheet → {path}")
+    return EXIT_OK

@@ -1,0 +1,268 @@
+"""refocus embed end to end: shards → Zarr feature store (+ questions, + FAISS index),
+checked against an unbatched forward of the model, plain zarr, brute-force search, and an
+uninterrupted run after kill -9."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import make_tiny_clip
+from PIL import Image
+
+from flows.cli import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, main
+from pipelines.embed import EmbedSettings, embed
+from pipelines.encoder import format_question, load_encoder
+from stores.errors import UserError
+from stores.features import FeatureStore
+from stores.index import FrameIndex, IndexSettings, build_index
+from stores.manifest import read_manifest
+from stores.shards import ShardSet
+
+REFOCUS = str(Path(sys.executable).parent / "refocus")
+
+
+def embed_cli(shards, out, clip, *extra) -> int:
+    config, weights = clip
+    return main(["embed", "--shards", str(shards), "--out", str(out), "--model", str(config),
+                 "--pretrained", str(weights), "--batch-size", "7", "--workers", "2", *extra])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, sample_shards, tiny_clip) -> Path:
+    out = tmp_path_factory.mktemp("features") / "store"
+    # a question about the failed video is reported; everything else lands
+    assert embed_cli(sample_shards, out, tiny_clip) == EXIT_FAILURES
+    return out
+
+
+def test_store_values_equal_an_unbatched_forward_of_the_model(store, sample_shards, tiny_clip):
+    encoder = load_encoder(str(tiny_clip[0]), str(tiny_clip[1]))
+    features = FeatureStore(store).load()
+    shard_set = ShardSet(sample_shards)
+    lookup = shard_set.lookup()
+    assert features.video_ids == [v for v in lookup]  # plan order, the failed video left out
+    assert "corrupted" not in features.video_ids and len(features.video_ids) == 10
+    for row, video_id in enumerate(features.video_ids):
+        sample = shard_set.read(video_id)
+        rows = features.video_slice(row)
+        assert rows.stop - rows.start == len(sample.frames)
+        assert np.array_equal(features.frame_time[rows], sample.meta["timestamps"])
+        assert (features.frame_video[rows] == row).all()
+        assert features.duration[row] == pytest.approx(sample.meta["duration"])
+        for i, jpeg in enumerate(sample.frames):
+            pixels = encoder.preprocess(Image.open(io.BytesIO(jpeg)).convert("RGB"))[None]
+            expected = encoder.encode_images(pixels)[0]
+            stored = features.frame_embedding[rows.start + i].astype(np.float32)
+            np.testing.assert_allclose(stored, expected, atol=2e-3, rtol=0)
+    assert features.frame_embedding.dtype == np.float16
+    norms = np.linalg.norm(features.frame_embedding.astype(np.float32), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+
+
+def test_questions_and_their_options_are_embedded(store, sample_shards, tiny_clip):
+    encoder = load_encoder(str(tiny_clip[0]), str(tiny_clip[1]))
+    features = FeatureStore(store).load()
+    manifest = read_manifest(sample_shards / "manifest.jsonl")
+    usable = [q for q in manifest.questions if q.video_id != "corrupted"]
+    assert features.qids == [q.qid for q in usable]
+    expected = encoder.encode_texts([format_question(q.question, q.options) for q in usable])
+    np.testing.assert_allclose(features.question_embedding.astype(np.float32), expected,
+                               atol=2e-3)
+    assert [features.video_ids[v] for v in features.question_video] == [
+        q.video_id for q in usable]
+    assert list(features.answer) == [q.answer for q in usable]
+    q = usable[2]
+    options = features.option_embedding[features.option_offsets[2]:features.option_offsets[3]]
+    np.testing.assert_allclose(options.astype(np.float32), encoder.encode_texts(list(q.options)),
+                               atol=2e-3)
+    summary = json.loads((store / "summary.json").read_text())
+    assert summary["failures"] == ["question q_broken: video 'corrupted' is not in the shards "
+                                   "(it failed to ingest, or was never ingested)"]
+    assert summary["questions"] == 6 and summary["frames"] == len(features.frame_time)
+
+
+def test_reading_api_slices_agree_with_the_full_load(store):
+    reader = FeatureStore(store)
+    features = reader.load()
+    embedding, times = reader.video("nasa_13013")
+    rows = features.video_slice(features.video_ids.index("nasa_13013"))
+    assert np.array_equal(embedding, features.frame_embedding[rows])
+    assert np.array_equal(times, features.frame_time[rows])
+    assert np.array_equal(reader.question("q_milk"),
+                          features.question_embedding[features.qids.index("q_milk")])
+    with pytest.raises(UserError, match="no video 'nope'"):
+        reader.video("nope")
+    with pytest.raises(UserError, match="no question 'nope'"):
+        reader.question("nope")
+
+
+def test_plain_zarr_reads_the_store(store):
+    group = zarr.open(store / "features.zarr", mode="r")
+    features = FeatureStore(store).load()
+    assert np.array_equal(group["frames/embedding"][:], features.frame_embedding)
+    assert list(group["videos/id"][:]) == features.video_ids
+    assert np.array_equal(group["videos/offsets"][:], features.offsets)
+    attrs = dict(group.attrs)
+    assert attrs["encoder"]["dim"] == 32 and attrs["n_frames"] == len(features.frame_time)
+    assert attrs["ingest"]["settings"]["fps"] == 2 and attrs["ingest"]["settings"]["size"] == 96
+
+
+def brute_force_top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple:
+    scores = vectors.astype(np.float32) @ query.astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return scores[order], order
+
+
+def test_flat_index_equals_brute_force_top_k(store):
+    index = FrameIndex(store)
+    assert index.info["kind"] == "flat"
+    vectors = FeatureStore(store).load().frame_embedding
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        query = rng.standard_normal(vectors.shape[1]).astype(np.float32)
+        scores, rows = index.search(query, 10)
+        expected_scores, expected_rows = brute_force_top_k(vectors, query, 10)
+        np.testing.assert_allclose(scores[0], expected_scores, rtol=1e-5, atol=1e-5)
+        # equal scores may swap places; the score multisets and the rows' scores must agree
+        assert set(rows[0]) == set(expected_rows) or np.allclose(
+            np.sort(vectors[rows[0]].astype(np.float32) @ query), np.sort(expected_scores))
+
+
+def test_ivf_index_searched_exhaustively_equals_brute_force(store, tmp_path):
+    info = build_index(store, IndexSettings(ivf_threshold=10, nlist=8, nprobe=8))
+    try:
+        assert info["kind"] == "ivf" and info["nlist"] == 8
+        index = FrameIndex(store)
+        vectors = FeatureStore(store).load().frame_embedding
+        query = vectors[17].astype(np.float32)
+        scores, rows = index.search(query, 5)
+        expected_scores, _ = brute_force_top_k(vectors, query, 5)
+        np.testing.assert_allclose(scores[0], expected_scores, rtol=1e-5, atol=1e-5)
+        hits = index.hits(query, 3)
+        features = FeatureStore(store).load()
+        for hit in hits:
+            video = features.video_ids.index(hit.video_id)
+            assert hit.row == features.offsets[video] + hit.frame
+            assert hit.time == features.frame_time[hit.row]
+    finally:
+        build_index(store)  # back to the default flat index for the other tests
+
+
+def test_search_command_prints_hits_and_writes_a_contact_sheet(store, tiny_clip, capsys,
+                                                               tmp_path):
+    sheet = tmp_path / "hits.png"
+    assert main(["search", "--store", str(store), "a hand sign", "--k", "4",
+                 "--sheet", str(sheet)]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rank", "video", "time", "(s)", "score"]
+    encoder = load_encoder(str(tiny_clip[0]), str(tiny_clip[1]))
+    query = encoder.encode_texts(["a hand sign"])[0]
+    features = FeatureStore(store).load()
+    _, expected_rows = brute_force_top_k(features.frame_embedding, query, 4)
+    for line, row in zip(lines[1:5], expected_rows, strict=True):
+        rank, video, t, score = line.split()
+        assert video == features.video_ids[features.frame_video[row]]
+        assert float(t) == pytest.approx(features.frame_time[row], abs=1e-3)
+    image = Image.open(sheet)
+    assert image.format == "PNG" and image.size[0] == 4 * 256
+
+
+def test_another_encoder_is_refused(store, tmp_path, sample_shards, capsys):
+    other = make_tiny_clip(tmp_path / "other", seed=5)
+    assert embed_cli(sample_shards, store, other) == EXIT_USAGE
+    assert "features were made by" in capsys.readouterr().err
+    with pytest.raises(UserError, match="features were made by"):
+        FeatureStore(store).check_encoder(load_encoder(str(other[0]), str(other[1])).identity)
+
+
+def test_rerun_skips_everything_and_changes_nothing(store, sample_shards, tiny_clip):
+    before = FeatureStore(store).load().frame_embedding
+    assert embed_cli(sample_shards, store, tiny_clip) == EXIT_FAILURES
+    summary = json.loads((store / "summary.json").read_text())
+    assert summary["shards_written"] == 0 and summary["shards_skipped"] == 4
+    assert np.array_equal(FeatureStore(store).load().frame_embedding, before)
+
+
+def test_unfinished_ingest_is_refused(tmp_path, sample_shards, tiny_clip, capsys):
+    copy = tmp_path / "shards"
+    copy.mkdir()
+    for p in sample_shards.iterdir():
+        if p.is_file() and p.name != "shard-000002.done.json":
+            (copy / p.name).write_bytes(p.read_bytes())
+    assert embed_cli(copy, tmp_path / "f", tiny_clip) == EXIT_USAGE
+    assert "ingest is unfinished (3 of 4 shards done)" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+
+
+def test_embedding_in_python_with_batch_sizes_that_split_videos(store, sample_shards, tiny_clip,
+                                                                tmp_path):
+    encoder = load_encoder(str(tiny_clip[0]), str(tiny_clip[1]))
+    summary = embed(sample_shards, tmp_path / "f", encoder,
+                    EmbedSettings(batch_size=5, workers=0, index=None))
+    assert summary.frames_written == summary.frames and summary.index is None
+    a = FeatureStore(tmp_path / "f").load().frame_embedding.astype(np.float32)
+    b = FeatureStore(store).load().frame_embedding.astype(np.float32)
+    np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+@pytest.fixture(scope="module")
+def kill_shards(tmp_path_factory, videos) -> Path:
+    root = tmp_path_factory.mktemp("kill")
+    corpus = root / "videos"
+    corpus.mkdir()
+    for copy in range(2):
+        for name in ("big_buck_bunny_0_30.webm", "nasa_13013.mp4", "asl_book.mkv"):
+            os.symlink(videos / name, corpus / f"c{copy}_{name}")
+    assert main(["ingest", str(corpus), "--out", str(root / "shards"), "--shard-size", "1",
+                 "--fps", "8", "--size", "64"]) == EXIT_OK
+    return root / "shards"
+
+
+def embed_command(shards: Path, out: Path, clip) -> list[str]:
+    return [REFOCUS, "embed", "--shards", str(shards), "--out", str(out), "--model",
+            str(clip[0]), "--pretrained", str(clip[1]), "--batch-size", "4", "--workers", "1"]
+
+
+def store_arrays(out: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(out / "features.zarr", mode="r")
+    return {name: np.asarray(group[name][...]) for name in
+            ("frames/embedding", "frames/time", "frames/video", "videos/offsets",
+             "videos/duration", "videos/id")}
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, kill_shards, tiny_clip):
+    reference = tmp_path / "reference"  # uninterrupted, in this process, same settings
+    encoder = load_encoder(str(tiny_clip[0]), str(tiny_clip[1]))
+    embed(kill_shards, reference, encoder, EmbedSettings(batch_size=4, workers=1))
+    expected = store_arrays(reference)
+    for moment in ("first-shard", "third-shard"):
+        out = tmp_path / moment
+        proc = subprocess.Popen(embed_command(kill_shards, out, tiny_clip),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        want = 1 if moment == "first-shard" else 3
+        deadline = time.monotonic() + 120
+        while (len(list((out / "progress").glob("shard-*.done.json"))) < want
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done = len(list((out / "progress").glob("shard-*.done.json")))
+        assert 0 < done < 6, moment
+        result = subprocess.run(embed_command(kill_shards, out, tiny_clip), capture_output=True,
+                                text=True)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((out / "summary.json").read_text())["shards_skipped"] == done
+        got = store_arrays(out)
+        for name, array in expected.items():
+            assert np.array_equal(got[name], array, equal_nan=array.dtype.kind == "f"), name
+        assert not list(out.rglob("*.partial"))
