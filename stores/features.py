@@ -98,6 +98,39 @@ class Features:
         return slice(int(self.offsets[row]), int(self.offsets[row + 1]))
 
 
+def read_array(array: zarr.Array, folder: Path) -> np.ndarray:
+    """A whole array into memory. For the uncompressed, row-chunked arrays this store writes,
+    each chunk file is the raw little-endian bytes of its rows: they are read straight into
+    the result (one copy, as ``np.load`` does) instead of through Zarr's codec pipeline (three
+    to five times slower). Any other array is read by Zarr itself."""
+    meta = array.metadata
+    grid = getattr(meta, "chunk_grid", None)
+    plain = (
+        getattr(meta, "zarr_format", 2) == 3 and array.compressors == () and array.filters == ()
+        and str(getattr(array.serializer, "endian", "")).endswith("little")
+        and getattr(meta.chunk_key_encoding, "separator", None) == "/"
+        and hasattr(grid, "chunk_shape") and array.ndim >= 1
+        and tuple(grid.chunk_shape[1:]) == tuple(array.shape[1:]) and array.dtype.kind in "fiu"
+    )
+    if not plain:
+        return array[...]
+    out = np.empty(array.shape, dtype=array.dtype.newbyteorder("<"))
+    rows = grid.chunk_shape[0]
+    trailing = ["0"] * (array.ndim - 1)
+    for index, start in enumerate(range(0, array.shape[0], rows)):
+        part = out[start:start + rows]
+        path = folder.joinpath("c", str(index), *trailing)
+        try:
+            with open(path, "rb") as f:
+                got = f.readinto(memoryview(part).cast("B"))
+        except FileNotFoundError:  # a chunk never written holds the fill value
+            part[...] = array.fill_value
+            continue
+        if got != part.nbytes:
+            raise UserError(f"{path}: chunk file is {got} bytes, expected {part.nbytes}")
+    return out
+
+
 def _progress(directory: Path) -> Path:
     return directory / PROGRESS_DIR
 
@@ -262,23 +295,28 @@ class FeatureStore:
             raise UserError(f"{self.directory}: no question {qid!r} in the feature store")
         return self.group["questions/embedding"][row]
 
+    def array(self, name: str) -> np.ndarray:
+        """One array of the store, whole, into memory (fast path: ``read_array``)."""
+        return read_array(self.group[name], self.directory / STORE_DIR / name)
+
     def load(self) -> Features:
         """Every array into memory."""
         g = self.group
         has_questions = "questions" in g
         empty = np.zeros((0, self.dim), np.float16)
+        read = self.array
         return Features(
-            frame_embedding=g["frames/embedding"][...],
-            frame_time=g["frames/time"][...],
-            frame_video=g["frames/video"][...],
+            frame_embedding=read("frames/embedding"),
+            frame_time=read("frames/time"),
+            frame_video=read("frames/video"),
             video_ids=self.video_ids,
             offsets=self.offsets,
             duration=g["videos/duration"][...],
             qids=[str(q) for q in g["questions/qid"][...]] if has_questions else [],
             question_video=g["questions/video"][...] if has_questions else np.zeros(0, np.int32),
             answer=g["questions/answer"][...] if has_questions else np.zeros(0, np.int16),
-            question_embedding=g["questions/embedding"][...] if has_questions else empty,
+            question_embedding=read("questions/embedding") if has_questions else empty,
             option_offsets=g["questions/option_offsets"][...] if has_questions
             else np.zeros(1, np.int64),
-            option_embedding=g["options/embedding"][...] if has_questions else empty,
+            option_embedding=read("options/embedding") if has_questions else empty,
         )

@@ -15,12 +15,12 @@ REFOCUS = str(Path(sys.executable).parent / "refocus")
 
 def test_console_command_is_installed_and_helps():
     result = subprocess.run([REFOCUS, "--help"], capture_output=True, text=True, check=True)
-    for command in ("ingest", "import", "validate"):
+    for command in ("ingest", "import", "validate", "embed", "search"):
         assert command in result.stdout
     assert "exit status" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["ingest", "import", "validate"])
+@pytest.mark.parametrize("command", ["ingest", "import", "validate", "embed", "search"])
 def test_every_command_has_help_with_a_description(command, capsys):
     with pytest.raises(SystemExit) as caught:
         main([command, "--help"])

@@ -21,7 +21,7 @@ from flows.cli import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, main
 from pipelines.embed import EmbedSettings, embed
 from pipelines.encoder import format_question, load_encoder
 from stores.errors import UserError
-from stores.features import FeatureStore
+from stores.features import FeatureStore, read_array
 from stores.index import FrameIndex, IndexSettings, build_index
 from stores.manifest import read_manifest
 from stores.shards import ShardSet
@@ -266,3 +266,20 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, kill_shards, ti
         for name, array in expected.items():
             assert np.array_equal(got[name], array, equal_nan=array.dtype.kind == "f"), name
         assert not list(out.rglob("*.partial"))
+
+
+def test_fast_whole_array_reads_equal_zarr_reads(store, tmp_path):
+    reader = FeatureStore(store)
+    for name in ("frames/embedding", "frames/time", "frames/video", "questions/embedding",
+                 "options/embedding"):
+        fast, plain = reader.array(name), reader.group[name][...]
+        assert fast.dtype == plain.dtype and np.array_equal(fast, plain, equal_nan=True), name
+    # a store whose last chunk was never written reads the fill value, as zarr does
+    group = zarr.open_group(tmp_path / "z", mode="w")
+    array = group.create_array("a", shape=(10, 3), chunks=(4, 3), dtype="float16",
+                               compressors=None, fill_value=0)
+    array[:4] = 1.0
+    assert np.array_equal(read_array(array, tmp_path / "z" / "a"), array[...])
+    compressed = group.create_array("b", shape=(10, 3), chunks=(4, 3), dtype="float32")
+    compressed[...] = np.arange(30, dtype=np.float32).reshape(10, 3)
+    assert np.array_equal(read_array(compressed, tmp_path / "z" / "b"), compressed[...])
