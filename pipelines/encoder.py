@@ -2,7 +2,9 @@
 
 ``load_encoder(model, pretrained)`` accepts
 
-* ``model``: a built-in open_clip architecture (``ViT-B-32``), a JSON architecture config file
+* ``model``: ``refocus-synth`` (the small encoder shipped in ``pipelines/assets`` for the
+  synthetic world, weights checked against their recorded sha256), a built-in open_clip
+  architecture (``ViT-B-32``), a JSON architecture config file
   (``arch.json``: open_clip's ``{"embed_dim", "vision_cfg", "text_cfg"}``, or a
   ``{"model_cfg", "preprocess_cfg"}`` file as open_clip saves them), a Hugging Face hub id
   (``hf-hub:org/repo``) or a local folder (``local-dir:/path`` with ``open_clip_config.json``
@@ -35,6 +37,8 @@ from stores.errors import UserError
 from stores.features import RANDOM_WEIGHTS as RANDOM
 
 QUESTION_TEMPLATE = "Question: {question} Options: {options}"
+SYNTH_ENCODER = "refocus-synth"  # the encoder shipped with refocus, for the synthetic world
+ASSETS = Path(__file__).resolve().parent / "assets"
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -172,7 +176,25 @@ def _tags(name: str) -> str:
     return ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
 
 
+def _bundled(pretrained: str | None) -> tuple[str, str]:
+    """Config and weights of the encoder shipped with refocus, its weights' hash checked."""
+    config = ASSETS / f"{SYNTH_ENCODER}.json"
+    weights = Path(pretrained) if pretrained else ASSETS / f"{SYNTH_ENCODER}.safetensors"
+    meta = ASSETS / f"{SYNTH_ENCODER}.meta.json"
+    if not (config.is_file() and weights.is_file() and meta.is_file()):
+        raise UserError(f"{SYNTH_ENCODER}: the bundled encoder is missing from {ASSETS}; "
+                        "reinstall refocus or train one (refocus train-encoder)")
+    if pretrained is None:
+        recorded = json.loads(meta.read_text())["weights_sha256"]
+        if file_sha256(weights) != recorded:
+            raise UserError(f"{weights}: sha256 differs from the recorded {recorded[:12]}…; "
+                            "the bundled weights are damaged, reinstall refocus")
+    return str(config), str(weights)
+
+
 def _resolve(model: str, pretrained: str | None) -> _Resolved:
+    if model == SYNTH_ENCODER:
+        model, pretrained = _bundled(pretrained)
     if model.startswith("hf-hub:"):
         return _hub_model(model[len("hf-hub:"):])
     if model.startswith("local-dir:"):

@@ -300,13 +300,22 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
 
 
 def write_manifest(path: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Write videos then questions as JSONL, atomically (temporary file, then rename)."""
+    """Write videos then questions as JSONL, atomically (temporary file, then rename).
+
+    Video paths inside the manifest's folder are written relative to it, so a corpus folder
+    can be moved or copied whole; others stay absolute."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    base = p.parent.resolve()
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for item in [*manifest.videos, *manifest.questions]:
-            f.write(json.dumps(item.to_row(), ensure_ascii=False) + "\n")
+            row = item.to_row()
+            if isinstance(item, Video) and "://" not in item.path:
+                video_path = Path(item.path)
+                if video_path.is_absolute() and video_path.is_relative_to(base):
+                    row["path"] = video_path.relative_to(base).as_posix()
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, p)
 
 

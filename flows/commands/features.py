@@ -22,18 +22,19 @@ from stores.index import FrameIndex, IndexSettings
 from stores.manifest import merge, read_manifest
 from stores.shards import MANIFEST_FILE, ShardSet
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+DEFAULT_MODEL = "refocus-synth"  # the bundled encoder; real corpora name a real CLIP
+DEFAULT_PRETRAINED = None
 
 
 def _add_encoder_options(p: argparse.ArgumentParser, model_default: str | None,
                          pretrained_default: str | None) -> None:
     p.add_argument("--model", default=model_default, metavar="NAME",
-                   help="open_clip architecture: a built-in name, a JSON config file, "
-                        "hf-hub:org/repo or local-dir:/path")
+                   help="refocus-synth (the bundled encoder of the synthetic world), or an "
+                        "open_clip architecture: a built-in name (ViT-B-32), a JSON config "
+                        "file, hf-hub:org/repo or local-dir:/path")
     p.add_argument("--pretrained", default=pretrained_default, metavar="TAG|FILE",
-                   help="weights: an open_clip tag, a weights file, or 'random' "
-                        "(ignored for hf-hub: and local-dir:, which carry their own)")
+                   help="weights: an open_clip tag (laion2b_s34b_b79k), a weights file, or "
+                        "'random'; refocus-synth, hf-hub: and local-dir: carry their own")
     p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
 
 
@@ -44,7 +45,9 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
         "open_clip model into a Zarr feature store, then build a FAISS frame index. Re-running\n"
         "resumes: finished input shards are skipped.\n\n"
         "examples:\n"
-        "  refocus embed --shards data/shards --out data/features\n"
+        "  refocus embed --shards data/shards --out data/features     # bundled encoder\n"
+        "  refocus embed --shards data/shards --out data/features --model ViT-B-32 \\\n"
+        "      --pretrained laion2b_s34b_b79k                          # a real CLIP\n"
         "  refocus embed --shards data/shards --out data/features --model ViT-B-16 \\\n"
         "      --pretrained /models/vit-b-16.safetensors --batch-size 256\n"
         "  refocus embed --shards data/shards --out data/features --model my_arch.json \\\n"

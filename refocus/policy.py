@@ -1,0 +1,192 @@
+"""The frame-selection policy: a query-conditioned, autoregressive pointer over cached frame
+embeddings (ReFoCUS's selector, made small: it reads CLIP features, not pixels).
+
+* **Encoder** — each candidate frame becomes a token: its embedding projected, its
+  question similarity (cosine) as an explicit feature, its normalised time (sinusoids), all
+  modulated by the question (FiLM); a question token is prepended and a small transformer
+  lets frames see each other and the question. The question can therefore change which
+  frames score high.
+* **Decoder** — a causal transformer over ``[start(question), chosen frames so far]`` with
+  cross-attention to all frame tokens; its output at step t is the query ``q_t``.
+* **Pointer** — ``logits = C · tanh(q_t · k_f / √h) / temperature`` over frame keys, with
+  already chosen and padding frames masked (sampling without replacement).
+
+``sample`` draws (or greedily takes) k frames step by step; ``log_probs`` recomputes the
+log-probabilities and entropies of given picks in one teacher-forced, parallel pass — equal to
+the sampler's own. Rows are independent: a batch mixes questions and their group samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    dim: int  # input embedding size (the CLIP model's)
+    hidden: int = 128
+    layers: int = 2  # frame encoder
+    decoder_layers: int = 1
+    heads: int = 4
+    time_features: int = 16
+    logit_clip: float = 10.0  # C in C·tanh(·)
+    dropout: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Context:
+    """A batch's encoded frames, computed once and shared by every decoding step."""
+
+    tokens: torch.Tensor  # [B, N, h] frame tokens (memory for the decoder)
+    keys: torch.Tensor  # [B, N, h] pointer keys
+    start: torch.Tensor  # [B, h] the decoder's first input
+    valid: torch.Tensor  # [B, N] bool: real (not padding) frames
+
+    def repeat(self, times: int) -> Context:
+        """Each row ``times`` times in a row (for the samples of a group)."""
+        return Context(*(t.repeat_interleave(times, dim=0)
+                         for t in (self.tokens, self.keys, self.start, self.valid)))
+
+
+@dataclass
+class Selection:
+    picks: torch.Tensor  # [B, k] frame indices in the order chosen
+    log_probs: torch.Tensor  # [B, k] log π(f_t | q, f_<t); 0 where not a real pick
+    entropy: torch.Tensor  # [B, k] entropy of each step's distribution
+    mask: torch.Tensor  # [B, k] bool: a real pick (False once a row ran out of frames)
+
+    def in_time_order(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Picks sorted by their timestamps, and the sorted log-probabilities."""
+        t = times.gather(1, self.picks).masked_fill(~self.mask, math.inf)
+        order = t.argsort(dim=1)
+        return self.picks.gather(1, order), self.log_probs.gather(1, order)
+
+
+def time_features(times: torch.Tensor, n: int) -> torch.Tensor:
+    """Sinusoids of a time in [0, 1] at n/2 frequencies: [..., n]."""
+    freqs = torch.pi * (2.0 ** torch.arange(n // 2, device=times.device, dtype=times.dtype))
+    angles = times[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class FrameSelector(nn.Module):
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        h = c.hidden
+        self.frame_in = nn.Linear(c.dim + 1 + c.time_features, h)
+        self.question_in = nn.Linear(c.dim, h)
+        self.film = nn.Linear(c.dim, 2 * h)
+        layer = nn.TransformerEncoderLayer(h, c.heads, 4 * h, c.dropout, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
+        self.encoder_norm = nn.LayerNorm(h)
+        decoder_layer = nn.TransformerDecoderLayer(h, c.heads, 4 * h, c.dropout,
+                                                   batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(decoder_layer, c.decoder_layers)
+        self.decoder_norm = nn.LayerNorm(h)
+        self.start = nn.Linear(2 * h, h)
+        self.pick_in = nn.Linear(h, h)
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(h, h)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, question: torch.Tensor, frames: torch.Tensor, times: torch.Tensor,
+               valid: torch.Tensor) -> Context:
+        """question [B, d], frames [B, N, d], times [B, N] in [0, 1], valid [B, N] bool."""
+        q = F.normalize(question.float(), dim=-1)
+        f = F.normalize(frames.float(), dim=-1)
+        similarity = (f @ q[:, :, None]).squeeze(-1)
+        x = self.frame_in(torch.cat(
+            [f, similarity[..., None], time_features(times.float(), self.config.time_features)],
+            dim=-1))
+        gamma, beta = self.film(q).chunk(2, dim=-1)
+        x = x * (1 + gamma[:, None]) + beta[:, None]
+        q_token = self.question_in(q)[:, None]
+        pad = torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)
+        encoded = self.encoder(torch.cat([q_token, x], dim=1), src_key_padding_mask=pad)
+        encoded = self.encoder_norm(encoded)
+        tokens = encoded[:, 1:]
+        weights = valid.float() / valid.float().sum(1, keepdim=True).clamp_min(1)
+        pooled = (tokens * weights[..., None]).sum(1)
+        start = self.start(torch.cat([encoded[:, 0], pooled], dim=-1))
+        return Context(tokens, self.key(tokens), start, valid)
+
+    # ------------------------------------------------------------------ decoding
+    def _queries(self, ctx: Context, picks: torch.Tensor) -> torch.Tensor:
+        """Decoder queries for steps 0..len(picks): inputs [start, picks...], causal."""
+        chosen = ctx.tokens.gather(1, picks[..., None].expand(-1, -1, ctx.tokens.shape[-1]))
+        inputs = torch.cat([ctx.start[:, None], self.pick_in(chosen)], dim=1)
+        causal = nn.Transformer.generate_square_subsequent_mask(
+            inputs.shape[1], device=inputs.device, dtype=torch.bool)
+        out = self.decoder(inputs, ctx.tokens, tgt_mask=causal,
+                           memory_key_padding_mask=~ctx.valid)
+        return self.query(self.decoder_norm(out))
+
+    def _logits(self, ctx: Context, queries: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Pointer logits [B, T, N] before masking chosen frames."""
+        scores = queries @ ctx.keys.transpose(1, 2) / math.sqrt(queries.shape[-1])
+        logits = self.config.logit_clip * torch.tanh(scores) / temperature
+        return logits.masked_fill(~ctx.valid[:, None], -math.inf)
+
+    @staticmethod
+    def _distribution(logits: torch.Tensor, taken: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities with taken frames masked, and which rows still have a choice.
+        A row with nothing left gets a dummy certain choice of frame 0 (masked out later)."""
+        logits = logits.masked_fill(taken, -math.inf)
+        alive = torch.isfinite(logits).any(dim=-1)
+        dummy = torch.full_like(logits, -math.inf)
+        dummy[..., 0] = 0.0
+        logits = torch.where(alive[..., None], logits, dummy)
+        return logits.log_softmax(dim=-1), alive
+
+    @staticmethod
+    def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+        p = log_p.exp()
+        return -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)
+
+    def sample(self, ctx: Context, k: int, greedy: bool = False, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Selection:
+        """Choose k frames per row, one at a time, without replacement."""
+        b, n = ctx.valid.shape
+        picks = torch.zeros(b, 0, dtype=torch.long, device=ctx.valid.device)
+        taken = torch.zeros(b, n, dtype=torch.bool, device=ctx.valid.device)
+        log_probs, entropies, masks = [], [], []
+        for _ in range(k):
+            query = self._queries(ctx, picks)[:, -1:]
+            log_p, alive = self._distribution(self._logits(ctx, query, temperature), taken[:, None])
+            log_p = log_p[:, 0]
+            if greedy:
+                choice = log_p.argmax(dim=-1)
+            else:
+                choice = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(-1)
+            alive = alive[:, 0]
+            log_probs.append(log_p.gather(1, choice[:, None]).squeeze(-1) * alive)
+            entropies.append(self._entropy(log_p) * alive)
+            masks.append(alive)
+            picks = torch.cat([picks, choice[:, None]], dim=1)
+            taken = taken | (F.one_hot(choice, n).bool() & alive[:, None])
+        return Selection(picks, torch.stack(log_probs, 1), torch.stack(entropies, 1),
+                         torch.stack(masks, 1))
+
+    def log_probs(self, ctx: Context, picks: torch.Tensor, temperature: float = 1.0,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log π and entropy of given picks [B, k], all steps at once."""
+        b, k = picks.shape
+        n = ctx.valid.shape[1]
+        queries = self._queries(ctx, picks[:, :-1])  # [B, k, h]
+        before = F.one_hot(picks, n).bool()  # [B, k, N]
+        taken = torch.cumsum(before.int(), dim=1).bool()
+        taken = torch.cat([torch.zeros_like(taken[:, :1]), taken[:, :-1]], dim=1)
+        log_p, alive = self._distribution(self._logits(ctx, queries, temperature), taken)
+        chosen = log_p.gather(2, picks[..., None]).squeeze(-1)
+        return chosen * alive, self._entropy(log_p) * alive
