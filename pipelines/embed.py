@@ -300,7 +300,7 @@ def _embed_frames(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan]
 
 def _questions_digest(questions: list[Question], identity: dict[str, Any]) -> str:
     payload = json.dumps([[q.qid, q.video_id, q.question, list(q.options), q.answer]
-                          for q in questions] + [identity.get("weights_sha256")])
+                          for q in questions] + [identity.get("weights_sha256"), "text"])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -326,6 +326,7 @@ def _embed_questions(manifest: Manifest, embed_plan: EmbedPlan, encoder: Encoder
         video=np.array([rows[q.video_id] for q in usable], dtype=np.int32),
         answer=np.array([q.answer for q in usable], dtype=np.int16),
         embedding=encode([format_question(q.question, q.options) for q in usable]),
+        text_embedding=encode([q.question for q in usable]),
         option_offsets=np.concatenate([[0], np.cumsum([len(q.options) for q in usable])]),
         option_embedding=encode(options),
         digest=digest,

@@ -57,7 +57,7 @@ class SynthSettings:
     frame_size: int = 160  # square frames, pixels
     distractors: int = 3  # grey blobs moving through every frame
     background_speed: float = 1.0  # how fast the background drifts (0: still)
-    questions_per_video: int = 4
+    questions_per_video: int = 8
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train / val / test, by video
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 

@@ -8,7 +8,8 @@ embeddings (ReFoCUS's selector, made small: it reads CLIP features, not pixels).
   frames score high.
 * **Decoder** — a causal transformer over ``[start(question), chosen frames so far]`` with
   cross-attention to all frame tokens; its output at step t is the query ``q_t``.
-* **Pointer** — ``logits = C · tanh(q_t · k_f / √h) / temperature`` over frame keys, with
+* **Pointer** — ``logits = scale · cos(q_t, k_f) / temperature`` over frame keys (a learned
+  scale, as CLIP's logit scale, bounded so the distribution can sharpen but not blow up), with
   already chosen and padding frames masked (sampling without replacement).
 
 ``sample`` draws (or greedily takes) k frames step by step; ``log_probs`` recomputes the
@@ -34,7 +35,8 @@ class PolicyConfig:
     decoder_layers: int = 1
     heads: int = 4
     time_features: int = 16
-    logit_clip: float = 10.0  # C in C·tanh(·)
+    initial_scale: float = 10.0  # pointer logit scale at initialisation
+    max_scale: float = 50.0
     dropout: float = 0.0
 
     def as_dict(self) -> dict:
@@ -82,9 +84,9 @@ class FrameSelector(nn.Module):
         super().__init__()
         self.config = c = config
         h = c.hidden
-        self.frame_in = nn.Linear(c.dim + 1 + c.time_features, h)
-        self.question_in = nn.Linear(c.dim, h)
-        self.film = nn.Linear(c.dim, 2 * h)
+        self.frame_in = nn.Linear(c.dim + 2 + c.time_features, h)
+        self.question_in = nn.Linear(2 * c.dim, h)
+        self.film = nn.Linear(2 * c.dim, 2 * h)
         layer = nn.TransformerEncoderLayer(h, c.heads, 4 * h, c.dropout, batch_first=True,
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
@@ -97,17 +99,20 @@ class FrameSelector(nn.Module):
         self.pick_in = nn.Linear(h, h)
         self.query = nn.Linear(h, h)
         self.key = nn.Linear(h, h)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(c.initial_scale)))
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, question: torch.Tensor, frames: torch.Tensor, times: torch.Tensor,
-               valid: torch.Tensor) -> Context:
-        """question [B, d], frames [B, N, d], times [B, N] in [0, 1], valid [B, N] bool."""
-        q = F.normalize(question.float(), dim=-1)
-        f = F.normalize(frames.float(), dim=-1)
-        similarity = (f @ q[:, :, None]).squeeze(-1)
+    def encode(self, question: torch.Tensor, question_text: torch.Tensor, frames: torch.Tensor,
+               times: torch.Tensor, valid: torch.Tensor) -> Context:
+        """question [B, d] (with its options) and question_text [B, d] (alone), frames
+        [B, N, d], times [B, N] in [0, 1], valid [B, N] bool."""
+        dtype = self.frame_in.weight.dtype
+        q = torch.cat([F.normalize(question.to(dtype), dim=-1),
+                       F.normalize(question_text.to(dtype), dim=-1)], dim=-1)  # [B, 2d]
+        f = F.normalize(frames.to(dtype), dim=-1)
+        similarity = torch.einsum("bnd,bkd->bnk", f, q.view(q.shape[0], 2, -1))  # [B, N, 2]
         x = self.frame_in(torch.cat(
-            [f, similarity[..., None], time_features(times.float(), self.config.time_features)],
-            dim=-1))
+            [f, similarity, time_features(times.to(dtype), self.config.time_features)], dim=-1))
         gamma, beta = self.film(q).chunk(2, dim=-1)
         x = x * (1 + gamma[:, None]) + beta[:, None]
         q_token = self.question_in(q)[:, None]
@@ -115,7 +120,7 @@ class FrameSelector(nn.Module):
         encoded = self.encoder(torch.cat([q_token, x], dim=1), src_key_padding_mask=pad)
         encoded = self.encoder_norm(encoded)
         tokens = encoded[:, 1:]
-        weights = valid.float() / valid.float().sum(1, keepdim=True).clamp_min(1)
+        weights = valid.to(dtype) / valid.to(dtype).sum(1, keepdim=True).clamp_min(1)
         pooled = (tokens * weights[..., None]).sum(1)
         start = self.start(torch.cat([encoded[:, 0], pooled], dim=-1))
         return Context(tokens, self.key(tokens), start, valid)
@@ -133,8 +138,9 @@ class FrameSelector(nn.Module):
 
     def _logits(self, ctx: Context, queries: torch.Tensor, temperature: float) -> torch.Tensor:
         """Pointer logits [B, T, N] before masking chosen frames."""
-        scores = queries @ ctx.keys.transpose(1, 2) / math.sqrt(queries.shape[-1])
-        logits = self.config.logit_clip * torch.tanh(scores) / temperature
+        cosine = F.normalize(queries, dim=-1) @ F.normalize(ctx.keys, dim=-1).transpose(1, 2)
+        scale = self.log_scale.exp().clamp(max=self.config.max_scale)
+        logits = scale * cosine / temperature
         return logits.masked_fill(~ctx.valid[:, None], -math.inf)
 
     @staticmethod

@@ -9,7 +9,9 @@ Layout of a feature folder (``refocus embed --out DIR``)::
         videos/id                   [n_videos] string
         videos/offsets              [n_videos + 1] int64: video v has rows offsets[v]:offsets[v+1]
         videos/duration             [n_videos] float64
-        questions/qid, /video, /answer, /embedding      [n_questions] (embedding: [n, dim] f16)
+        questions/qid, /video, /answer, /embedding      [n_questions] (embedding: [n, dim] f16,
+                                    the question with its lettered options, one template)
+        questions/text_embedding    [n_questions, dim] float16: the question's text alone
         questions/option_offsets    [n_questions + 1] int64 into options/embedding
         options/embedding           [n_options, dim] float16 (each option's own text)
         attributes: format, encoder identity, ingest settings and source, counts
@@ -90,7 +92,8 @@ class Features:
     qids: list[str]
     question_video: np.ndarray  # [n_questions] int32
     answer: np.ndarray  # [n_questions] int16
-    question_embedding: np.ndarray  # [n_questions, dim] float16
+    question_embedding: np.ndarray  # [n_questions, dim] float16 (question + options)
+    question_text_embedding: np.ndarray  # [n_questions, dim] float16 (question alone)
     option_offsets: np.ndarray  # [n_questions + 1] int64
     option_embedding: np.ndarray  # [n_options, dim] float16
 
@@ -203,8 +206,9 @@ class FeatureWriter:
         return path.exists() and json.loads(path.read_text()).get("digest") == digest
 
     def write_questions(self, qids: list[str], video: np.ndarray, answer: np.ndarray,
-                        embedding: np.ndarray, option_offsets: np.ndarray,
-                        option_embedding: np.ndarray, digest: str) -> None:
+                        embedding: np.ndarray, text_embedding: np.ndarray,
+                        option_offsets: np.ndarray, option_embedding: np.ndarray,
+                        digest: str) -> None:
         """Write all questions at once (they are few), replacing any earlier set."""
         (_progress(self.directory) / "questions.done.json").unlink(missing_ok=True)
         dim = self.group.attrs["dim"]
@@ -213,6 +217,8 @@ class FeatureWriter:
             "questions/video": (video.astype(np.int32), "int32"),
             "questions/answer": (answer.astype(np.int16), "int16"),
             "questions/embedding": (embedding.reshape(-1, dim).astype(np.float16), "float16"),
+            "questions/text_embedding": (text_embedding.reshape(-1, dim).astype(np.float16),
+                                         "float16"),
             "questions/option_offsets": (option_offsets.astype(np.int64), "int64"),
             "options/embedding": (option_embedding.reshape(-1, dim).astype(np.float16),
                                   "float16"),
@@ -316,6 +322,7 @@ class FeatureStore:
             question_video=g["questions/video"][...] if has_questions else np.zeros(0, np.int32),
             answer=g["questions/answer"][...] if has_questions else np.zeros(0, np.int16),
             question_embedding=read("questions/embedding") if has_questions else empty,
+            question_text_embedding=read("questions/text_embedding") if has_questions else empty,
             option_offsets=g["questions/option_offsets"][...] if has_questions
             else np.zeros(1, np.int64),
             option_embedding=read("options/embedding") if has_questions else empty,

@@ -157,3 +157,23 @@ def sample_shards(tmp_path_factory, shared_data) -> Path:
     assert main(["ingest", str(manifest), "--out", str(out), "--shard-size", "3",
                  "--workers", "1", "--fps", "2", "--size", "96"]) == 1  # corrupted.mp4 fails
     return out
+
+
+@pytest.fixture(scope="session")
+def synth_store(tmp_path_factory) -> Path:
+    """A small synthetic corpus, ingested and embedded with the bundled encoder; returns the
+    folder holding corpus/, shards/ and features/."""
+    from pipelines.embed import EmbedSettings, embed
+    from pipelines.encoder import SYNTH_ENCODER, load_encoder
+    from pipelines.ingest import IngestSettings, ingest
+    from pipelines.synth import SynthSettings, generate
+    from stores.manifest import read_manifest
+
+    root = tmp_path_factory.mktemp("synth-store")
+    generate(root / "corpus", SynthSettings(videos=48, seed=11, workers=2))
+    ingest(read_manifest(root / "corpus" / "manifest.jsonl"), root / "shards",
+           IngestSettings(workers=2))
+    embed(root / "shards", root / "features", load_encoder(SYNTH_ENCODER),
+          EmbedSettings(workers=1, index=None),
+          questions=read_manifest(root / "shards" / "manifest.jsonl"))
+    return root

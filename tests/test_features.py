@@ -76,6 +76,8 @@ def test_questions_and_their_options_are_embedded(store, sample_shards, tiny_cli
     expected = encoder.encode_texts([format_question(q.question, q.options) for q in usable])
     np.testing.assert_allclose(features.question_embedding.astype(np.float32), expected,
                                atol=2e-3)
+    np.testing.assert_allclose(features.question_text_embedding.astype(np.float32),
+                               encoder.encode_texts([q.question for q in usable]), atol=2e-3)
     assert [features.video_ids[v] for v in features.question_video] == [
         q.video_id for q in usable]
     assert list(features.answer) == [q.answer for q in usable]
@@ -271,7 +273,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, kill_shards, ti
 def test_fast_whole_array_reads_equal_zarr_reads(store, tmp_path):
     reader = FeatureStore(store)
     for name in ("frames/embedding", "frames/time", "frames/video", "questions/embedding",
-                 "options/embedding"):
+                 "questions/text_embedding", "options/embedding"):
         fast, plain = reader.array(name), reader.group[name][...]
         assert fast.dtype == plain.dtype and np.array_equal(fast, plain, equal_nan=True), name
     # a store whose last chunk was never written reads the fill value, as zarr does

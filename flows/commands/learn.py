@@ -1,0 +1,189 @@
+"""refocus train-reader, refocus train and refocus eval: the learning stages."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flows import console
+from flows.options import EXIT_OK, add_command, non_negative_float, non_negative_int, positive_int
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 4,8,16, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers like 4,8,16, got {text!r}")
+    return values
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, type=Path, metavar="DIR",
+                   help="feature folder (refocus embed --out)")
+    p.add_argument("--qa", nargs="*", metavar="MANIFEST",
+                   help="manifests with the questions' splits, kinds and evidence (default: "
+                        "the manifest that was ingested)")
+    p.add_argument("--device", help="torch device (default: cuda when present)")
+
+
+# ----------------------------------------------------------------------------- train-reader
+
+def add_train_reader(sub: argparse._SubParsersAction) -> None:
+    from refocus.settings import ReaderTrainSettings
+
+    d = ReaderTrainSettings()
+    p = add_command(
+        sub, "train-reader", "train the reader, the cheap reference model of the rewards",
+        "Train the reader — a small network that answers the questions from a subset of a\n"
+        "video's cached frame embeddings — on the corpus's train split, with random subsets\n"
+        "of many sizes (half of them holding the evidence). Reports its accuracy on the\n"
+        "validation split with all frames, the evidence only, and k random/uniform frames.\n\n"
+        "example:\n"
+        "  refocus train-reader --store data/features --out runs/reader",
+    )
+    _store_options(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="reader folder")
+    p.add_argument("--steps", type=positive_int, default=d.steps)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=non_negative_float, default=d.lr)
+    p.add_argument("--seed", type=non_negative_int, default=d.seed)
+    p.set_defaults(run=_run_train_reader)
+
+
+def _run_train_reader(args: argparse.Namespace) -> int:
+    from pipelines.learn import train_reader_stage
+    from refocus.settings import ReaderTrainSettings
+
+    settings = ReaderTrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   seed=args.seed)
+    with console.progress_bar("train-reader", "steps") as bar:
+        task = bar.add_task("train-reader", total=settings.steps, detail="")
+
+        def log(row: dict) -> None:
+            bar.update(task, completed=row["step"], detail=f"loss {row['loss']:.3f}")
+
+        report = train_reader_stage(args.store, args.qa, args.out, settings, args.device, log)
+    out = console.out
+    out.print(f"[bold]train-reader[/] → {args.out} ({report['train_seconds']} s)", markup=True)
+    out.print(f"  {report['split']} accuracy over {report['questions']} questions:")
+    for key, value in report.items():
+        if key not in ("split", "questions", "train_seconds"):
+            out.print(f"    {key:<12} {100 * value:5.1f} %")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- train
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from refocus.settings import GRPOSettings
+
+    d = GRPOSettings()
+    p = add_command(
+        sub, "train", "train the frame-selection policy by GRPO",
+        "Train the frame-selection policy over cached features by group policy optimisation:\n"
+        "N subsets sampled per question, rewards from the reference (tanh of its answer\n"
+        "margin), advantages within each group, an entropy bonus, a curriculum over the\n"
+        "budget. Re-running the same command resumes from the last checkpoint.\n\n"
+        "examples:\n"
+        "  refocus train --store data/features --reward reader:runs/reader --out runs/policy\n"
+        "  refocus train --store data/features --reward reader:runs/reader --out runs/p2 \\\n"
+        "      --budgets 4,8,16,32 --group 16 --steps 2000 --filter 0.2",
+    )
+    _store_options(p)
+    p.add_argument("--reward", required=True, metavar="SPEC",
+                   help="reference model: reader:PATH (a refocus train-reader folder)")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--steps", type=positive_int, default=d.steps)
+    p.add_argument("--group", type=positive_int, default=d.group,
+                   help="subsets sampled per question (N)")
+    p.add_argument("--questions-per-step", type=positive_int, default=d.questions_per_step,
+                   metavar="Q")
+    p.add_argument("--budgets", type=_ints, default=d.budgets, metavar="K,K,...",
+                   help="curriculum of frame budgets, equal shares of the steps")
+    p.add_argument("--lr", type=non_negative_float, default=d.lr)
+    p.add_argument("--entropy", type=non_negative_float, default=d.entropy_coef, metavar="BETA",
+                   help="entropy bonus coefficient")
+    p.add_argument("--temperature", type=non_negative_float, default=d.temperature)
+    p.add_argument("--filter", type=non_negative_float, default=None, metavar="VAR",
+                   help="keep questions whose reward varies across temporal windows by more "
+                        "than VAR (the paper uses 0.2); default: keep all")
+    p.add_argument("--eval-every", type=positive_int, default=50, metavar="STEPS")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="STEPS")
+    p.add_argument("--hidden", type=positive_int, default=128)
+    p.add_argument("--seed", type=non_negative_int, default=d.seed)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pipelines.learn import RunSettings, train_policy_stage
+    from refocus.settings import GRPOSettings
+
+    settings = GRPOSettings(
+        steps=args.steps, questions_per_step=args.questions_per_step, group=args.group,
+        budgets=args.budgets, lr=args.lr, entropy_coef=args.entropy,
+        temperature=args.temperature, seed=args.seed, filter_threshold=args.filter)
+    run = RunSettings(eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                      hidden=args.hidden, device=args.device)
+    with console.progress_bar("train", "steps") as bar:
+        task = bar.add_task("train", total=settings.steps, detail="")
+
+        def on_start(total: int, done: int) -> None:
+            bar.update(task, total=total, completed=done)
+
+        def on_step(m) -> None:  # noqa: ANN001
+            bar.update(task, completed=m.step,
+                       detail=f"k={m.budget} reward {m.reward:+.3f} entropy {m.entropy:.2f}")
+
+        summary = train_policy_stage(args.store, args.qa, args.reward, args.out, settings, run,
+                                     on_start=on_start, on_step=on_step)
+    out = console.out
+    best = summary["best"]
+    out.print(f"[bold]train[/] → {args.out} ({summary['steps']} steps, "
+              f"{summary['seconds_this_call']} s)", markup=True)
+    if summary["filter"]:
+        f = summary["filter"]
+        out.print(f"  data filter kept {f['after']} of {f['before']} questions")
+    validation = ", ".join(f"{k} {100 * v:.1f} %" for k, v in best["validation"].items())
+    out.print(f"  best validation at step {best['step']}: {validation}")
+    out.print(f"  policy {Path(args.out) / 'policy'}, curves {Path(args.out) / 'training.png'}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- eval
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub, "eval", "compare frame selectors: accuracy and evidence recall",
+        "Select k frames per question with each method — uniform, random, CLIP top-k, BOLT,\n"
+        "AKS-like and learned policies — and report the reference's accuracy from those\n"
+        "frames and the evidence recall, per budget and question kind.\n\n"
+        "example:\n"
+        "  refocus eval --store data/features --split test --k 4,8,16 \\\n"
+        "      --reward reader:runs/reader --policy runs/policy --out runs/eval",
+    )
+    _store_options(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--k", type=_ints, default=(4, 8, 16), metavar="K,K,...")
+    p.add_argument("--reward", required=True, metavar="SPEC", help="reference: reader:PATH")
+    p.add_argument("--policy", nargs="*", default=[], metavar="RUN",
+                   help="learned policies (run folders or policy folders)")
+    p.add_argument("--methods", nargs="*", default=None, metavar="NAME",
+                   help="baselines (default: uniform random clip-top-k bolt aks)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write eval.md, eval.csv and eval.png here")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pipelines.learn import evaluate_stage, markdown_table
+    from refocus.selectors import BASELINES
+
+    methods = args.methods if args.methods is not None else list(BASELINES)
+    table = evaluate_stage(args.store, args.qa, args.split, args.k, args.reward, args.policy,
+                           methods, args.out, args.device)
+    console.out.print(markdown_table([r for r in table if r.category == "all"], args.split))
+    if args.out:
+        console.out.print(f"per question kind: {args.out / 'eval.md'}; also eval.csv, eval.png")
+    return EXIT_OK

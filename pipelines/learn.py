@@ -1,0 +1,305 @@
+"""Learning stages as plain functions: train the reader, train the policy (GRPO, resumable),
+evaluate selectors. Each reads the feature store and a QA manifest, runs the learning core
+(``refocus/``) and writes its results (``stores/checkpoints``, Markdown/CSV, PNG plots)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import plots
+from refocus.data import Corpus
+from refocus.evaluation import Row, evaluate
+from refocus.policy import FrameSelector, PolicyConfig
+from refocus.reader import Reader, ReaderConfig, accuracy, train_reader
+from refocus.rewards import ReaderReference, Reference, RewardCache, RewardModel
+from refocus.selectors import BASELINES, Learned, Selector, uniform_indices
+from refocus.settings import GRPOSettings, ReaderTrainSettings
+from refocus.trainer import GRPOTrainer, StepMetrics
+from stores import checkpoints
+from stores.errors import UserError
+from stores.features import FeatureStore
+from stores.manifest import merge, read_manifest
+from stores.shards import MANIFEST_FILE, write_json_atomic
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_corpus(store: str | os.PathLike[str], qa: Sequence[str | os.PathLike[str]] | None,
+                device: str | torch.device = "cpu") -> Corpus:
+    """The store's features joined with the manifest's questions (by default the manifest
+    that was ingested)."""
+    features_store = FeatureStore(store)
+    paths = [Path(p) for p in qa] if qa else [
+        Path(features_store.ingest.get("shards", "")) / MANIFEST_FILE]
+    manifests = [read_manifest(p) for p in paths]
+    manifest = merge(manifests)
+    corpus = Corpus(features_store.load(), manifest.questions, device)
+    if not len(corpus):
+        raise UserError(f"{store}: none of the {len(manifest.questions)} questions of "
+                        f"{', '.join(map(str, paths))} is in the feature store; embed them "
+                        "(refocus embed --questions ...)")
+    return corpus
+
+
+# ----------------------------------------------------------------------------- the reader
+
+def reader_report(reader: Reader, corpus: Corpus, split: str, ks: Sequence[int] = (4, 8, 16),
+                  seed: int = 0) -> dict[str, float]:
+    """Accuracy with all frames, with the evidence only (one frame per span), with k
+    random and k uniformly spaced frames."""
+    rows = corpus.rows(split)
+    rng = np.random.default_rng(seed)
+    n = lambda q: int(corpus.n_frames[corpus.video[q]])  # noqa: E731
+    report = {
+        "questions": len(rows),
+        "all_frames": accuracy(reader, corpus, rows, lambda q: list(range(n(q)))),
+        "evidence": accuracy(reader, corpus, [q for q in rows if corpus.evidence[q]],
+                             lambda q: [s[len(s) // 2] for s in corpus.evidence_frames(q) if s]),
+    }
+    for k in ks:
+        report[f"random_{k}"] = accuracy(
+            reader, corpus, rows, lambda q, k=k: rng.choice(n(q), min(k, n(q)),
+                                                            replace=False).tolist())
+        report[f"uniform_{k}"] = accuracy(reader, corpus, rows,
+                                          lambda q, k=k: uniform_indices(n(q), k))
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
+
+
+def train_reader_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
+                       out: str | os.PathLike[str], settings: ReaderTrainSettings,
+                       device: str | None = None,
+                       log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    corpus = load_corpus(store, qa, pick_device(device))
+    started = time.perf_counter()
+    reader = train_reader(corpus, settings, log=log)
+    seconds = time.perf_counter() - started
+    split = "val" if corpus.rows("val") else "train"
+    report = {"split": split, **reader_report(reader, corpus, split),
+              "train_seconds": round(seconds, 1)}
+    checkpoints.save_model(out, "reader", reader.config.as_dict(), reader.state_dict(),
+                           settings=asdict(settings), report=report,
+                           encoder_sha256=FeatureStore(store).encoder.get("weights_sha256"))
+    return report
+
+
+def load_reader(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Reader:
+    config, weights, _ = checkpoints.load_model(path, "reader")
+    reader = Reader(ReaderConfig(**config))
+    reader.load_state_dict(weights)
+    return reader.to(device).eval()
+
+
+def reference(spec: str, corpus: Corpus) -> Reference:
+    """``reader:PATH`` (a trained reader folder); the id names the reader's weights."""
+    kind, _, target = spec.partition(":")
+    if kind == "reader" and target:
+        from pipelines.encoder import file_sha256
+
+        reader = load_reader(target, corpus.device)
+        digest = file_sha256(Path(target) / checkpoints.WEIGHTS)[:16]
+        return ReaderReference(reader, f"reader:{digest}")
+    raise UserError(f"--reward {spec!r}: expected reader:PATH (a folder from refocus "
+                    "train-reader)")
+
+
+# ----------------------------------------------------------------------------- the policy
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a training run does besides the GRPO settings themselves."""
+
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    hidden: int = 128
+    layers: int = 2
+    device: str | None = None
+
+
+def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                ) -> FrameSelector:
+    """A policy from a model folder, or the best policy of a training run folder."""
+    folder = Path(path)
+    if (folder / "policy" / checkpoints.CONFIG).exists():
+        folder = folder / "policy"
+    config, weights, _ = checkpoints.load_model(folder, "policy")
+    policy = FrameSelector(PolicyConfig(**config))
+    policy.load_state_dict(weights)
+    return policy.to(device).eval()
+
+
+def _score(validation: dict[str, float]) -> float:
+    values = [v for k, v in validation.items() if k.startswith("accuracy@")]
+    return float(np.mean(values)) if values else 0.0
+
+
+def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
+                       reward_spec: str, out: str | os.PathLike[str], settings: GRPOSettings,
+                       run: RunSettings = RunSettings(),
+                       on_start: Callable[[int, int], None] | None = None,
+                       on_step: Callable[[StepMetrics], None] | None = None,
+                       stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) a run in ``out``; ``stop_after`` ends early after that many steps
+    of this call (for tests and time-boxed runs)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(store, qa, pick_device(run.device))
+    ref = reference(reward_spec, corpus)
+    identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
+                if qa else None, "reward": ref.id, "settings": settings.as_dict(),
+                "run": {k: v for k, v in asdict(run).items() if k != "device"}}
+    saved = checkpoints.load_checkpoint(out_dir)
+    run_file = out_dir / "run.json"
+    if run_file.exists() and saved is not None:
+        before = json.loads(run_file.read_text())
+        if before != json.loads(json.dumps(identity)):
+            raise UserError(f"{out_dir}: holds a run with other settings, store or reward "
+                            "(run.json); resume with the same options or choose another --out")
+    write_json_atomic(run_file, identity)
+    cache = RewardCache(ref.id, saved[2] if saved else ())
+    reward_model = RewardModel(ref, cache)
+    policy_config = PolicyConfig(dim=corpus.frame_embedding.shape[1], hidden=run.hidden,
+                                 layers=run.layers)
+    trainer = GRPOTrainer(corpus, reward_model, settings, policy_config)
+    metrics = checkpoints.MetricsLog(out_dir / "metrics.jsonl")
+    best = {"score": -1.0, "step": 0, "validation": {}}
+    best_weights = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    if saved is not None:
+        tensors, meta, _ = saved
+        trainer.load_state(tensors, meta)
+        best = meta["best"]
+        best_weights = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+        metrics.truncate_after(trainer.step_count)
+    else:
+        metrics.path.unlink(missing_ok=True)
+    val_rows = corpus.rows("val") or corpus.rows("train")[:256]
+    budgets = tuple(sorted(set(settings.budgets)))
+    if on_start is not None:
+        on_start(settings.steps, trainer.step_count)
+    started = time.perf_counter()
+    steps_this_call = 0
+
+    def checkpoint() -> None:
+        tensors, meta = trainer.state()
+        tensors.update({f"best.{k}": v for k, v in best_weights.items()})
+        meta["best"] = best
+        checkpoints.save_checkpoint(out_dir, tensors, meta, cache.items())
+
+    while trainer.step_count < settings.steps:
+        m = trainer.step()
+        steps_this_call += 1
+        row = {"kind": "train", **{k: v for k, v in asdict(m).items() if k != "extra"}}
+        last = trainer.step_count == settings.steps
+        if trainer.step_count % run.eval_every == 0 or last:
+            validation = trainer.validate(val_rows, budgets)
+            metrics.append(row)
+            metrics.append({"kind": "val", "step": trainer.step_count, **validation})
+            if _score(validation) > best["score"]:
+                best = {"score": _score(validation), "step": trainer.step_count,
+                        "validation": validation}
+                best_weights = {k: v.detach().clone()
+                                for k, v in trainer.policy.state_dict().items()}
+        else:
+            metrics.append(row)
+        if on_step is not None:
+            on_step(m)
+        if trainer.step_count % run.checkpoint_every == 0 or last:
+            checkpoint()
+        if stop_after is not None and steps_this_call >= stop_after:
+            checkpoint()
+            break
+    finished = trainer.step_count >= settings.steps
+    summary = {
+        "steps": trainer.step_count, "finished": finished,
+        "seconds_this_call": round(time.perf_counter() - started, 1),
+        "best": best, "filter": trainer.filter_stats, "reward": ref.id,
+        "cache": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses},
+    }
+    if finished:
+        checkpoints.save_model(out_dir / "policy", "policy", policy_config.as_dict(),
+                               best_weights, chosen="best validation", best=best,
+                               settings=settings.as_dict(), reward=ref.id)
+        checkpoints.save_model(out_dir / "policy-last", "policy", policy_config.as_dict(),
+                               trainer.policy.state_dict(), chosen="last step",
+                               settings=settings.as_dict(), reward=ref.id)
+        plots.training_curves(list(metrics.rows()), out_dir / "training.png")
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, split: str,
+                   ks: Sequence[int], reward_spec: str, policies: Sequence[str] = (),
+                   methods: Sequence[str] = tuple(BASELINES), out: str | os.PathLike[str] | None
+                   = None, device: str | None = None) -> list[Row]:
+    corpus = load_corpus(store, qa, pick_device(device))
+    rows = corpus.rows(split)
+    if not rows:
+        raise UserError(f"no questions in split {split!r} (splits: "
+                        f"{', '.join(sorted(set(corpus.split)))})")
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; "
+                        f"choose from {', '.join(BASELINES)}")
+    selectors: list[Selector] = [BASELINES[m]() for m in methods]
+    for path in policies:
+        name = "refocus" if len(policies) == 1 else f"refocus:{Path(path).name}"
+        selectors.append(Learned(load_policy(path, corpus.device), name=name))
+    reward_model = RewardModel(reference(reward_spec, corpus))
+    table = evaluate(corpus, rows, selectors, tuple(ks), reward_model)
+    if out is not None:
+        write_evaluation(table, Path(out), split)
+    return table
+
+
+def write_evaluation(table: list[Row], out: Path, split: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "eval.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        writer.writeheader()
+        for row in table:
+            writer.writerow(row.as_dict())
+    (out / "eval.md").write_text(markdown_table(table, split))
+    plots.evaluation_chart(table, out / "eval.png")
+
+
+def markdown_table(table: list[Row], split: str) -> str:
+    """Accuracy (evidence recall) per method and budget, all questions, then per kind."""
+    ks = sorted({r.k for r in table})
+    methods = list(dict.fromkeys(r.method for r in table))
+    categories = list(dict.fromkeys(r.category for r in table))
+    index = {(r.method, r.k, r.category): r for r in table}
+    lines = []
+    for category in categories:
+        n = next(r.questions for r in table if r.category == category)
+        lines.append(f"### {category} ({split}, {n} questions): accuracy % (evidence recall %)")
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("|---|" + "---:|" * len(ks))
+        for method in methods:
+            cells = []
+            for k in ks:
+                r = index.get((method, k, category))
+                if r is None:
+                    cells.append("")
+                    continue
+                recall = f" ({100 * r.evidence_recall:.1f})" if r.evidence_recall is not None \
+                    else ""
+                cells.append(f"{100 * r.accuracy:.1f}{recall}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

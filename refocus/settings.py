@@ -1,0 +1,40 @@
+"""Settings of the learning stages, kept free of torch so the command line can read their
+defaults without loading it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ReaderTrainSettings:
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    evidence_share: float = 0.5  # subsets built around the evidence
+    max_subset: int = 24
+    all_frames_every: int = 20  # every n-th step reads whole videos (a smaller batch)
+    all_frames_batch: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    steps: int = 300
+    questions_per_step: int = 64
+    group: int = 8
+    budgets: tuple[int, ...] = (4, 8, 16)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 30
+    entropy_coef: float = 1e-3
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+    filter_threshold: float | None = None  # keep questions whose window rewards vary more
+    filter_windows: int = 4
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,213 @@
+"""GRPO training of the frame-selection policy (ReFoCUS), one readable step at a time.
+
+Each step: draw a batch of training questions; sample a group of N frame subsets per question
+from the policy (no gradient); score them with the reference (reward r = tanh(margin / 2));
+normalise within each group, A = (r − mean) / std; recompute the log-probabilities of the
+sampled subsets in one teacher-forced pass and minimise −Σ_t A·log π(f_t | q, f_<t) −
+β·entropy. The budget k follows a curriculum (e.g. 4 → 8 → 16), each stage an equal share of
+the steps. AdamW with warm-up and cosine decay, gradient clipping, autocast on CUDA.
+
+The trainer holds no files: ``state()`` returns tensors and JSON-able values that restore it
+exactly (weights, optimizer, step, random generators), and the caller writes them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from refocus.data import Corpus
+from refocus.policy import FrameSelector, PolicyConfig
+from refocus.rewards import RewardModel, pad_subsets
+from refocus.selectors import Learned, uniform_indices
+from refocus.settings import GRPOSettings
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    budget: int
+    reward: float
+    reward_std: float
+    advantage_abs: float
+    entropy: float
+    loss: float
+    lr: float
+    seconds: float
+    cache_hits: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def window_filter(corpus: Corpus, questions: list[int], reward_model: RewardModel,
+                  windows: int, k: int, threshold: float) -> tuple[list[int], np.ndarray]:
+    """The paper's data filter: score k frames spread evenly inside each of ``windows`` equal
+    temporal windows; keep questions whose window rewards vary (variance > threshold)."""
+    variances = np.zeros(len(questions))
+    for start in range(0, len(questions), 128):
+        part = questions[start:start + 128]
+        subsets, rows = [], []
+        for q in part:
+            n = int(corpus.n_frames[corpus.video[q]])
+            for w in range(windows):
+                lo, hi = w * n // windows, max(w * n // windows + 1, (w + 1) * n // windows)
+                subsets.append([lo + i for i in uniform_indices(hi - lo, k)])
+                rows.append(q)
+        picks, valid = pad_subsets(subsets, corpus.device)
+        rewards = reward_model.rewards(corpus, torch.tensor(rows, device=corpus.device), picks,
+                                       valid).view(len(part), windows)
+        variances[start:start + len(part)] = rewards.var(dim=1, unbiased=False).cpu().numpy()
+    kept = [q for q, v in zip(questions, variances, strict=True) if v > threshold]
+    return kept, variances
+
+
+class GRPOTrainer:
+    def __init__(self, corpus: Corpus, reward_model: RewardModel, settings: GRPOSettings,
+                 policy_config: PolicyConfig | None = None) -> None:
+        self.corpus = corpus
+        self.reward_model = reward_model
+        self.settings = s = settings
+        torch.manual_seed(s.seed)
+        config = policy_config or PolicyConfig(dim=corpus.frame_embedding.shape[1])
+        self.policy = FrameSelector(config).to(corpus.device)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=s.lr,
+                                           weight_decay=s.weight_decay)
+        self.generator = torch.Generator(device=corpus.device).manual_seed(s.seed)
+        self.rng = np.random.default_rng(s.seed)
+        self.step_count = 0
+        self.questions = corpus.rows("train")
+        if not self.questions:
+            raise ValueError("no training questions (split 'train')")
+        self.filter_stats: dict[str, Any] = {}
+        if s.filter_threshold is not None:
+            kept, variances = window_filter(corpus, self.questions, reward_model,
+                                            s.filter_windows, min(s.budgets), s.filter_threshold)
+            self.filter_stats = {"before": len(self.questions), "after": len(kept),
+                                 "mean_variance": float(variances.mean())}
+            if not kept:
+                raise ValueError(f"the data filter (variance > {s.filter_threshold}) kept no "
+                                 "question; lower the threshold")
+            self.questions = kept
+
+    # ------------------------------------------------------------------ schedule
+    def budget(self, step: int | None = None) -> int:
+        step = self.step_count if step is None else step
+        stages = self.settings.budgets
+        return stages[min(len(stages) - 1, step * len(stages) // max(1, self.settings.steps))]
+
+    def learning_rate(self, step: int) -> float:
+        s = self.settings
+        warm = min(1.0, (step + 1) / max(1, s.warmup))
+        return s.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, s.steps))))
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> StepMetrics:
+        s, corpus, policy = self.settings, self.corpus, self.policy
+        started = time.perf_counter()
+        k = self.budget()
+        lr = self.learning_rate(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        questions = torch.as_tensor(
+            self.rng.choice(self.questions, s.questions_per_step), device=corpus.device)
+        batch = corpus.frames_of(questions)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                                  enabled=corpus.device.type == "cuda")
+
+        # 1. sample a group of subsets per question (no gradient)
+        policy.eval()
+        with torch.no_grad(), autocast:
+            ctx = policy.encode(batch.question_embedding, batch.question_text, batch.frames,
+                                batch.times, batch.valid).repeat(s.group)
+            sample = policy.sample(ctx, k, temperature=s.temperature, generator=self.generator)
+        rows = questions.repeat_interleave(s.group)
+
+        # 2. rewards from the reference, advantages within each group
+        hits_before = self.reward_model.cache.hits if self.reward_model.cache else 0
+        rewards = self.reward_model.rewards(corpus, rows, sample.picks, sample.mask)
+        grouped = rewards.view(-1, s.group)
+        advantage = (grouped - grouped.mean(1, keepdim=True)) / (
+            grouped.std(1, keepdim=True, unbiased=False) + 1e-6)
+
+        # 3. teacher-forced log-probabilities, policy-gradient loss with an entropy bonus
+        policy.train()
+        with autocast:
+            ctx = policy.encode(batch.question_embedding, batch.question_text, batch.frames,
+                                batch.times, batch.valid).repeat(s.group)
+            log_probs, entropy = policy.log_probs(ctx, sample.picks, temperature=s.temperature)
+        steps_taken = sample.mask.float().sum(1).clamp_min(1)
+        pg = -(advantage.flatten() * log_probs.float().sum(1)).mean()
+        mean_entropy = (entropy.float().sum(1) / steps_taken).mean()
+        loss = pg - s.entropy_coef * mean_entropy
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip)
+        self.optimizer.step()
+        self.step_count += 1
+        hits = (self.reward_model.cache.hits - hits_before) if self.reward_model.cache else 0
+        return StepMetrics(
+            step=self.step_count, budget=k, reward=float(rewards.mean()),
+            reward_std=float(grouped.std(1, unbiased=False).mean()),
+            advantage_abs=float(advantage.abs().mean()), entropy=float(mean_entropy.detach()),
+            loss=float(loss.detach()), lr=lr, seconds=time.perf_counter() - started,
+            cache_hits=hits)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self, questions: list[int], ks: tuple[int, ...]) -> dict[str, float]:
+        """Greedy selections: the reference's accuracy and the evidence recall per budget."""
+        selector = Learned(self.policy)
+        out: dict[str, float] = {}
+        for k in ks:
+            picks = selector.select(self.corpus, questions, k)
+            p, v = pad_subsets(picks, self.corpus.device)
+            q = torch.tensor(questions, device=self.corpus.device)
+            answers = self.reward_model.answers(self.corpus, q, p, v)
+            out[f"accuracy@{k}"] = float((answers == self.corpus.answer[q]).float().mean())
+            recalls = [self.corpus.evidence_recall(qq, pp) for qq, pp in zip(questions, picks,
+                                                                             strict=True)]
+            recalls = [r for r in recalls if r is not None]
+            out[f"evidence_recall@{k}"] = float(np.mean(recalls)) if recalls else float("nan")
+        self.policy.train()
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON-able values that restore this trainer exactly."""
+        tensors = {f"policy.{k}": v.detach().cpu().contiguous()
+                   for k, v in self.policy.state_dict().items()}
+        optimizer = self.optimizer.state_dict()
+        for index, entry in optimizer["state"].items():
+            for name, value in entry.items():
+                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu()
+        tensors["generator"] = self.generator.get_state()
+        meta = {
+            "step": self.step_count,
+            "settings": self.settings.as_dict(),
+            "policy_config": self.policy.config.as_dict(),
+            "optimizer_groups": optimizer["param_groups"],
+            "numpy_rng": self.rng.bit_generator.state,
+            "questions": self.questions,
+            "filter": self.filter_stats,
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items()
+                                     if k.startswith("policy.")})
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value.to(self.corpus.device) \
+                    if name != "step" else value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
+        self.generator.set_state(tensors["generator"])
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        self.step_count = int(meta["step"])
+        self.questions = list(meta["questions"])
+        self.filter_stats = dict(meta.get("filter", {}))

@@ -1,0 +1,122 @@
+"""GRPO runs: exact resume, safe checkpoints, the data filter, records and plots."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from toy import ToyReference, toy_corpus
+
+from pipelines.learn import (
+    RunSettings,
+    load_corpus,
+    load_policy,
+    train_policy_stage,
+    train_reader_stage,
+)
+from refocus.rewards import RewardModel
+from refocus.selectors import uniform_indices
+from refocus.settings import GRPOSettings, ReaderTrainSettings
+from refocus.trainer import window_filter
+from stores.errors import UserError
+
+SETTINGS = GRPOSettings(steps=6, questions_per_step=8, group=4, budgets=(2, 3), warmup=2)
+RUN = RunSettings(eval_every=2, checkpoint_every=2, hidden=32)
+
+
+@pytest.fixture(scope="module")
+def reader_dir(synth_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reader") / "reader"
+    train_reader_stage(synth_store / "features", None, out, ReaderTrainSettings(steps=200))
+    return out
+
+
+def run_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, synth_store, reader_dir):
+    store, reward = synth_store / "features", f"reader:{reader_dir}"
+    straight = train_policy_stage(store, None, reward, tmp_path / "a", SETTINGS, RUN)
+    assert straight["finished"] and straight["steps"] == 6
+    first = train_policy_stage(store, None, reward, tmp_path / "b", SETTINGS, RUN, stop_after=3)
+    assert not first["finished"] and first["steps"] == 3
+    assert not (tmp_path / "b" / "policy").exists()
+    second = train_policy_stage(store, None, reward, tmp_path / "b", SETTINGS, RUN)
+    assert second["finished"] and second["steps"] == 6
+    a = load_file(tmp_path / "a" / "checkpoint" / "state.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint" / "state.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert run_rows(tmp_path / "a") == run_rows(tmp_path / "b")
+    assert second["best"] == straight["best"]
+    for name in ("policy", "policy-last"):
+        pa, pb = load_policy(tmp_path / "a" / name), load_policy(tmp_path / "b" / name)
+        for (ka, va), (kb, vb) in zip(pa.state_dict().items(), pb.state_dict().items(),
+                                      strict=True):
+            assert ka == kb and torch.equal(va, vb)
+
+
+def test_runs_keep_records_and_nothing_needs_pickle(tmp_path, synth_store, reader_dir):
+    run = tmp_path / "run"
+    summary = train_policy_stage(synth_store / "features", None, f"reader:{reader_dir}", run,
+                                 SETTINGS, RUN)
+    files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+    assert {"run.json", "metrics.jsonl", "summary.json", "training.png",
+            "checkpoint/state.safetensors", "checkpoint/state.json",
+            "checkpoint/reward_cache.jsonl", "policy/config.json",
+            "policy/weights.safetensors"} <= files
+    assert all(Path(f).suffix in {".json", ".jsonl", ".safetensors", ".png"} for f in files)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    assert [r["budget"] for r in train_rows] == [2, 2, 2, 3, 3, 3]  # the curriculum
+    val = [r for r in rows if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [2, 4, 6] and "evidence_recall@3" in val[0]
+    cache_lines = (run / "checkpoint" / "reward_cache.jsonl").read_text().splitlines()
+    assert len(cache_lines) == summary["cache"]["entries"] > 0
+
+
+def test_other_settings_on_an_existing_run_are_refused(tmp_path, synth_store, reader_dir):
+    run = tmp_path / "run"
+    store, reward = synth_store / "features", f"reader:{reader_dir}"
+    train_policy_stage(store, None, reward, run, SETTINGS, RUN, stop_after=1)
+    other = GRPOSettings(**{**SETTINGS.as_dict(), "group": 5})
+    with pytest.raises(UserError, match="holds a run with other settings"):
+        train_policy_stage(store, None, reward, run, other, RUN)
+
+
+def test_bad_reward_specs_are_refused(synth_store, tmp_path):
+    with pytest.raises(UserError, match="expected reader:PATH"):
+        train_policy_stage(synth_store / "features", None, "oracle", tmp_path / "r", SETTINGS)
+    with pytest.raises(UserError, match="not a refocus model folder"):
+        train_policy_stage(synth_store / "features", None, f"reader:{tmp_path}", tmp_path / "r",
+                           SETTINGS)
+
+
+def test_window_filter_keeps_questions_whose_reward_varies():
+    corpus, targets = toy_corpus(videos=24, frames=20)
+    questions = list(range(24))
+    kept, variances = window_filter(corpus, questions, RewardModel(ToyReference(targets)),
+                                    windows=4, k=1, threshold=0.1)
+    # a window's single frame is its middle one: the reward varies only when that frame is
+    # the asked one
+    middles = {w * 5 + uniform_indices(5, 1)[0] for w in range(4)}
+    assert kept == [q for q in questions if targets[q][0] in middles]
+    assert 0 < len(kept) < 24
+    assert all(v == pytest.approx(0.0) for q, v in zip(questions, variances, strict=True)
+               if q not in kept)
+
+
+def test_the_corpus_matches_the_store_and_manifest(synth_store):
+    corpus = load_corpus(synth_store / "features", None)
+    assert set(corpus.split) == {"train", "val", "test"}
+    assert set(corpus.category) == {"colour", "shape", "first", "last", "count", "after"}
+    q = corpus.rows("test")[0]
+    batch = corpus.frames_of([q])
+    n = int(corpus.n_frames[corpus.video[q]])
+    assert batch.valid[0].sum() == n and batch.times[0, 0] == 0
+    assert 0.9 < float(batch.times[0, n - 1]) <= 1.0
