@@ -124,7 +124,7 @@ class RunSettings:
 
     eval_every: int = 50
     checkpoint_every: int = 100
-    hidden: int = 128
+    hidden: int = 64
     layers: int = 2
     device: str | None = None
 
@@ -256,14 +256,25 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
         raise UserError(f"unknown method(s) {', '.join(unknown)}; "
                         f"choose from {', '.join(BASELINES)}")
     selectors: list[Selector] = [BASELINES[m]() for m in methods]
-    for path in policies:
-        name = "refocus" if len(policies) == 1 else f"refocus:{Path(path).name}"
+    for path, name in zip(policies, _policy_names(policies), strict=True):
         selectors.append(Learned(load_policy(path, corpus.device), name=name))
     reward_model = RewardModel(reference(reward_spec, corpus))
     table = evaluate(corpus, rows, selectors, tuple(ks), reward_model)
     if out is not None:
         write_evaluation(table, Path(out), split)
     return table
+
+
+def _policy_names(paths: Sequence[str]) -> list[str]:
+    """'refocus' for one policy; otherwise the shortest distinct path endings."""
+    if len(paths) <= 1:
+        return ["refocus"][:len(paths)]
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return [f"refocus:{n}" for n in names]
+    return [f"refocus:{i}" for i in range(len(paths))]
 
 
 def write_evaluation(table: list[Row], out: Path, split: str) -> None:

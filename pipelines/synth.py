@@ -373,20 +373,16 @@ def video_seed(seed: int, index: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed, index])
 
 
-def _make_video(job: tuple[int, SynthSettings, str]) -> dict[str, Any]:
-    index, settings, out = job
+def plan_video(index: int, settings: SynthSettings) -> tuple[Scene, dict[str, Any]]:
+    """The scene and manifest rows of video ``index``, without rendering anything."""
     rng = np.random.default_rng(video_seed(settings.seed, index))
     scene = make_scene(rng, settings)
     questions = pick_questions(rng, scene.events, settings.questions_per_video)
     draw = float(rng.uniform())  # per video, so adding videos changes no earlier split
     split = SPLITS[min(int(np.searchsorted(np.cumsum(settings.split), draw, side="right")), 2)]
     video_id = f"synth_{settings.seed:04d}_{index:05d}"
-    path = Path(out) / "videos" / f"{video_id}.mp4"
-    partial = path.with_suffix(".partial.mp4")
-    write_video(partial, scene)
-    os.replace(partial, path)  # a killed run never leaves a half-written video
     fps = scene.fps
-    return {
+    row = {
         "video": {"type": "video", "id": video_id, "path": f"videos/{video_id}.mp4",
                   "duration": scene.duration, "split": split, "fps": fps,
                   "events": [{**asdict(e), "span": list(e.span(fps))} for e in scene.events]},
@@ -398,9 +394,18 @@ def _make_video(job: tuple[int, SynthSettings, str]) -> dict[str, Any]:
             for i, q in enumerate(questions)
         ],
     }
+    return scene, row
 
 
-# ----------------------------------------------------------------------------- the run
+def _make_video(job: tuple[int, SynthSettings, str]) -> dict[str, Any]:
+    index, settings, out = job
+    scene, row = plan_video(index, settings)
+    path = Path(out) / row["video"]["path"]
+    partial = path.with_suffix(".partial.mp4")
+    write_video(partial, scene)
+    os.replace(partial, path)  # a killed run never leaves a half-written video
+    return row
+
 
 def uniform_hit_chance(frames: int, spans: list[tuple[int, int]], k: int,
                        phases: int = 64) -> float:

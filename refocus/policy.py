@@ -7,7 +7,9 @@ embeddings (ReFoCUS's selector, made small: it reads CLIP features, not pixels).
   lets frames see each other and the question. The question can therefore change which
   frames score high.
 * **Decoder** — a causal transformer over ``[start(question), chosen frames so far]`` with
-  cross-attention to all frame tokens; its output at step t is the query ``q_t``.
+  cross-attention to all frame tokens; its output at step t is the query ``q_t``. Sampling
+  runs it one step at a time with cached keys and values (the frames' projected once per
+  question), so a step costs a few small matrix products.
 * **Pointer** — ``logits = scale · cos(q_t, k_f) / temperature`` over frame keys (a learned
   scale, as CLIP's logit scale, bounded so the distribution can sharpen but not blow up), with
   already chosen and padding frames masked (sampling without replacement).
@@ -30,14 +32,13 @@ from torch import nn
 @dataclass(frozen=True)
 class PolicyConfig:
     dim: int  # input embedding size (the CLIP model's)
-    hidden: int = 128
+    hidden: int = 64
     layers: int = 2  # frame encoder
     decoder_layers: int = 1
     heads: int = 4
     time_features: int = 16
     initial_scale: float = 10.0  # pointer logit scale at initialisation
     max_scale: float = 50.0
-    dropout: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,11 +52,88 @@ class Context:
     keys: torch.Tensor  # [B, N, h] pointer keys
     start: torch.Tensor  # [B, h] the decoder's first input
     valid: torch.Tensor  # [B, N] bool: real (not padding) frames
+    memory: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: cross-attention K, V
 
     def repeat(self, times: int) -> Context:
         """Each row ``times`` times in a row (for the samples of a group)."""
-        return Context(*(t.repeat_interleave(times, dim=0)
-                         for t in (self.tokens, self.keys, self.start, self.valid)))
+        r = lambda t: t.repeat_interleave(times, dim=0)  # noqa: E731
+        return Context(r(self.tokens), r(self.keys), r(self.start), r(self.valid),
+                       [(r(k), r(v)) for k, v in self.memory])
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # [B, T, h] → [B, heads, T, h/heads]
+    b, t, h = x.shape
+    return x.view(b, t, heads, h // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:  # [B, heads, T, d] → [B, T, heads·d]
+    b, _, t, _ = x.shape
+    return x.transpose(1, 2).reshape(b, t, -1)
+
+
+def _key_mask(valid: torch.Tensor) -> torch.Tensor | None:
+    """An attention mask that hides padding keys, or None when there is none (faster)."""
+    return None if bool(valid.all()) else valid[:, None, None, :]
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention and MLP over the question and frame tokens."""
+
+    def __init__(self, h: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.qkv = nn.Linear(h, 3 * h)
+        self.out = nn.Linear(h, h)
+        self.mlp = nn.Sequential(nn.Linear(h, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
+        x = x + self.out(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer (causal self-attention, cross-attention to the frames, MLP)
+    that can run over a whole sequence or one step at a time: the frames' keys and values
+    are projected once per context, and past steps' keys and values are kept in a cache."""
+
+    def __init__(self, h: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(h), nn.LayerNorm(h), nn.LayerNorm(h)
+        self.self_qkv = nn.Linear(h, 3 * h)
+        self.self_out = nn.Linear(h, h)
+        self.cross_q = nn.Linear(h, h)
+        self.cross_kv = nn.Linear(h, 2 * h)
+        self.cross_out = nn.Linear(h, h)
+        self.mlp = nn.Sequential(nn.Linear(h, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return _heads(x, self.heads)
+
+    def memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.cross_kv(tokens).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
+                valid: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x [B, T, h]. Without a cache: T steps at once, causally. With one (a list holding
+        past keys and values, empty at first): x is the next step(s), appended to it."""
+        q, k, v = (self._split(t) for t in self.self_qkv(self.norm1(x)).chunk(3, dim=-1))
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]
+            causal = x.shape[1] > 1
+        else:
+            causal = True
+        x = x + self.self_out(_merge(F.scaled_dot_product_attention(q, k, v,
+                                                                     is_causal=causal)))
+        q = self._split(self.cross_q(self.norm2(x)))
+        x = x + self.cross_out(_merge(F.scaled_dot_product_attention(
+            q, memory[0], memory[1], attn_mask=_key_mask(valid))))
+        return x + self.mlp(self.norm3(x))
 
 
 @dataclass
@@ -87,13 +165,9 @@ class FrameSelector(nn.Module):
         self.frame_in = nn.Linear(c.dim + 2 + c.time_features, h)
         self.question_in = nn.Linear(2 * c.dim, h)
         self.film = nn.Linear(2 * c.dim, 2 * h)
-        layer = nn.TransformerEncoderLayer(h, c.heads, 4 * h, c.dropout, batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
+        self.encoder = nn.ModuleList(EncoderLayer(h, c.heads) for _ in range(c.layers))
         self.encoder_norm = nn.LayerNorm(h)
-        decoder_layer = nn.TransformerDecoderLayer(h, c.heads, 4 * h, c.dropout,
-                                                   batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(decoder_layer, c.decoder_layers)
+        self.decoder = nn.ModuleList(DecoderLayer(h, c.heads) for _ in range(c.decoder_layers))
         self.decoder_norm = nn.LayerNorm(h)
         self.start = nn.Linear(2 * h, h)
         self.pick_in = nn.Linear(h, h)
@@ -116,25 +190,34 @@ class FrameSelector(nn.Module):
         gamma, beta = self.film(q).chunk(2, dim=-1)
         x = x * (1 + gamma[:, None]) + beta[:, None]
         q_token = self.question_in(q)[:, None]
-        pad = torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)
-        encoded = self.encoder(torch.cat([q_token, x], dim=1), src_key_padding_mask=pad)
+        mask = _key_mask(torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1))
+        encoded = torch.cat([q_token, x], dim=1)
+        for layer in self.encoder:
+            encoded = layer(encoded, mask)
         encoded = self.encoder_norm(encoded)
         tokens = encoded[:, 1:]
         weights = valid.to(dtype) / valid.to(dtype).sum(1, keepdim=True).clamp_min(1)
         pooled = (tokens * weights[..., None]).sum(1)
         start = self.start(torch.cat([encoded[:, 0], pooled], dim=-1))
-        return Context(tokens, self.key(tokens), start, valid)
+        memory = [layer.memory(tokens) for layer in self.decoder]
+        return Context(tokens, self.key(tokens), start, valid, memory)
 
     # ------------------------------------------------------------------ decoding
+    def _inputs(self, ctx: Context, picks: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for chosen frames [B, T] → [B, T, h]."""
+        chosen = ctx.tokens.gather(1, picks[..., None].expand(-1, -1, ctx.tokens.shape[-1]))
+        return self.pick_in(chosen)
+
+    def _decode(self, ctx: Context, x: torch.Tensor,
+                caches: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, ctx.memory[i], ctx.valid, None if caches is None else caches[i])
+        return self.query(self.decoder_norm(x))
+
     def _queries(self, ctx: Context, picks: torch.Tensor) -> torch.Tensor:
         """Decoder queries for steps 0..len(picks): inputs [start, picks...], causal."""
-        chosen = ctx.tokens.gather(1, picks[..., None].expand(-1, -1, ctx.tokens.shape[-1]))
-        inputs = torch.cat([ctx.start[:, None], self.pick_in(chosen)], dim=1)
-        causal = nn.Transformer.generate_square_subsequent_mask(
-            inputs.shape[1], device=inputs.device, dtype=torch.bool)
-        out = self.decoder(inputs, ctx.tokens, tgt_mask=causal,
-                           memory_key_padding_mask=~ctx.valid)
-        return self.query(self.decoder_norm(out))
+        inputs = torch.cat([ctx.start[:, None], self._inputs(ctx, picks)], dim=1)
+        return self._decode(ctx, inputs)
 
     def _logits(self, ctx: Context, queries: torch.Tensor, temperature: float) -> torch.Tensor:
         """Pointer logits [B, T, N] before masking chosen frames."""
@@ -161,27 +244,42 @@ class FrameSelector(nn.Module):
         return -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)
 
     def sample(self, ctx: Context, k: int, greedy: bool = False, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Selection:
-        """Choose k frames per row, one at a time, without replacement."""
+               generator: torch.Generator | None = None, with_entropy: bool = True,
+               ) -> Selection:
+        """Choose k frames per row, one at a time, without replacement. (The step loop keeps
+        its masks incrementally; ``log_probs`` computes the same quantities all at once.)"""
         b, n = ctx.valid.shape
-        picks = torch.zeros(b, 0, dtype=torch.long, device=ctx.valid.device)
-        taken = torch.zeros(b, n, dtype=torch.bool, device=ctx.valid.device)
-        log_probs, entropies, masks = [], [], []
+        blocked = ~ctx.valid  # padding, then also every frame already chosen
+        remaining = ctx.valid.sum(dim=1)
+        keys = F.normalize(ctx.keys, dim=-1).transpose(1, 2)  # [B, h, N]
+        scale = self.log_scale.exp().clamp(max=self.config.max_scale) / temperature
+        dummy = torch.full((n,), -math.inf, dtype=keys.dtype, device=keys.device)
+        dummy[0] = 0.0
+        picks, log_probs, entropies, masks = [], [], [], []
+        caches: list[list[torch.Tensor]] = [[] for _ in self.decoder]
+        step_input = ctx.start[:, None]
         for _ in range(k):
-            query = self._queries(ctx, picks)[:, -1:]
-            log_p, alive = self._distribution(self._logits(ctx, query, temperature), taken[:, None])
-            log_p = log_p[:, 0]
+            query = F.normalize(self._decode(ctx, step_input, caches), dim=-1)  # [B, 1, h]
+            logits = (scale * (query @ keys)).squeeze(1).masked_fill(blocked, -math.inf)
+            alive = remaining > 0
+            if not bool(alive.all()):  # a row out of frames: a certain dummy pick, masked
+                logits = torch.where(alive[:, None], logits, dummy)
+            log_p = logits.log_softmax(dim=-1)
             if greedy:
                 choice = log_p.argmax(dim=-1)
             else:
                 choice = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(-1)
-            alive = alive[:, 0]
             log_probs.append(log_p.gather(1, choice[:, None]).squeeze(-1) * alive)
-            entropies.append(self._entropy(log_p) * alive)
+            if with_entropy:
+                entropies.append(self._entropy(log_p) * alive)
             masks.append(alive)
-            picks = torch.cat([picks, choice[:, None]], dim=1)
-            taken = taken | (F.one_hot(choice, n).bool() & alive[:, None])
-        return Selection(picks, torch.stack(log_probs, 1), torch.stack(entropies, 1),
+            picks.append(choice)
+            blocked = blocked.scatter(1, choice[:, None], True)
+            remaining = remaining - alive.long()
+            step_input = self._inputs(ctx, choice[:, None])
+        zeros = torch.zeros(b, k, device=keys.device)
+        return Selection(torch.stack(picks, 1), torch.stack(log_probs, 1),
+                         torch.stack(entropies, 1) if with_entropy else zeros,
                          torch.stack(masks, 1))
 
     def log_probs(self, ctx: Context, picks: torch.Tensor, temperature: float = 1.0,

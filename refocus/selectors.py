@@ -165,7 +165,7 @@ class Learned:
             batch = corpus.frames_of(part)
             ctx = self.policy.encode(batch.question_embedding, batch.question_text, batch.frames,
                                      batch.times, batch.valid)
-            selection = self.policy.sample(ctx, k, greedy=True)
+            selection = self.policy.sample(ctx, k, greedy=True, with_entropy=False)
             for picks, mask in zip(selection.picks.tolist(), selection.mask.tolist(),
                                    strict=True):
                 out.append(sorted(p for p, m in zip(picks, mask, strict=True) if m))

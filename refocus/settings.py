@@ -22,10 +22,11 @@ class ReaderTrainSettings:
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    steps: int = 300
+    steps: int = 600
     questions_per_step: int = 64
     group: int = 8
     budgets: tuple[int, ...] = (4, 8, 16)
+    curriculum: str = "cumulative"  # or "stages": only the current stage's budget
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup: int = 30
@@ -35,6 +36,13 @@ class GRPOSettings:
     seed: int = 0
     filter_threshold: float | None = None  # keep questions whose window rewards vary more
     filter_windows: int = 4
+
+    def __post_init__(self) -> None:
+        if self.curriculum not in ("cumulative", "stages"):
+            raise ValueError(
+                f"curriculum must be 'cumulative' or 'stages', not {self.curriculum!r}")
+        if not self.budgets or min(self.budgets) < 1:
+            raise ValueError("budgets must be positive")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,7 +10,14 @@ import pytest
 
 from flows.cli import EXIT_OK, EXIT_USAGE, main
 from pipelines.decode import DecodeSettings, VideoDecoder
-from pipelines.synth import COLOURS, SynthSettings, generate, uniform_hit_chance
+from pipelines.synth import (
+    COLOURS,
+    SynthSettings,
+    generate,
+    hit_report,
+    plan_video,
+    uniform_hit_chance,
+)
 from stores.manifest import read_manifest
 from stores.shards import ShardSet
 
@@ -137,10 +144,19 @@ def test_the_videos_go_through_the_ingest_stage(corpus, tmp_path):
 
 def test_the_report_says_uniform_frames_rarely_see_the_evidence(corpus):
     report = json.loads((corpus / "synth_report.json").read_text())
-    table = report["uniform_hit_chance"]
-    for kind in ("first", "last"):
-        if kind in table:
-            assert table[kind]["k4"] < 0.1
+    rows = [plan_video(i, SynthSettings(**SMALL, seed=3))[1] for i in range(SMALL["videos"])]
+    assert report["uniform_hit_chance"] == hit_report(rows)  # the report is the plan's
+    for row in report["uniform_hit_chance"].values():
+        assert row["k4"] <= row["k8"] <= row["k16"] <= 1.0
+
+
+def test_at_default_settings_four_uniform_frames_rarely_see_the_evidence():
+    """The claim holds for the default world (planned, not rendered: 300 videos)."""
+    settings = SynthSettings(videos=300)
+    table = hit_report([plan_video(i, settings)[1] for i in range(settings.videos)])
+    for kind in ("first", "last", "after"):
+        assert table[kind]["k4"] < 0.05
+    assert all(row["k4"] < 0.25 for row in table.values())
     for row in table.values():
         assert row["k4"] <= row["k8"] <= row["k16"] <= 1.0
 

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,13 +13,14 @@ from pipelines.learn import (
     RunSettings,
     load_corpus,
     load_policy,
+    reference,
     train_policy_stage,
     train_reader_stage,
 )
 from refocus.rewards import RewardModel
 from refocus.selectors import uniform_indices
 from refocus.settings import GRPOSettings, ReaderTrainSettings
-from refocus.trainer import window_filter
+from refocus.trainer import GRPOTrainer, window_filter
 from stores.errors import UserError
 
 SETTINGS = GRPOSettings(steps=6, questions_per_step=8, group=4, budgets=(2, 3), warmup=2)
@@ -73,7 +75,8 @@ def test_runs_keep_records_and_nothing_needs_pickle(tmp_path, synth_store, reade
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, 7))
-    assert [r["budget"] for r in train_rows] == [2, 2, 2, 3, 3, 3]  # the curriculum
+    budgets = [r["budget"] for r in train_rows]  # the cumulative curriculum
+    assert budgets[:3] == [2, 2, 2] and set(budgets[3:]) <= {2, 3}
     val = [r for r in rows if r["kind"] == "val"]
     assert [r["step"] for r in val] == [2, 4, 6] and "evidence_recall@3" in val[0]
     cache_lines = (run / "checkpoint" / "reward_cache.jsonl").read_text().splitlines()
@@ -120,3 +123,21 @@ def test_the_corpus_matches_the_store_and_manifest(synth_store):
     n = int(corpus.n_frames[corpus.video[q]])
     assert batch.valid[0].sum() == n and batch.times[0, 0] == 0
     assert 0.9 < float(batch.times[0, n - 1]) <= 1.0
+
+
+@pytest.mark.parametrize("curriculum", ["stages", "cumulative"])
+def test_the_curriculum_grows_the_budget(synth_store, reader_dir, curriculum):
+    corpus = load_corpus(synth_store / "features", None)
+    settings = GRPOSettings(steps=400, budgets=(4, 8, 16), curriculum=curriculum)
+    trainer = GRPOTrainer(corpus, RewardModel(reference(f"reader:{reader_dir}", corpus)), settings)
+    drawn = []
+    for step in range(settings.steps):
+        trainer.step_count = step
+        drawn.append(trainer.budget())
+    thirds = [drawn[:133], drawn[134:266], drawn[267:]]
+    if curriculum == "stages":  # the paper: one budget per stage
+        assert [set(t) for t in thirds] == [{4}, {8}, {16}]
+    else:  # every budget reached so far, in about equal shares
+        assert [set(t) for t in thirds] == [{4}, {4, 8}, {4, 8, 16}]
+        last = np.bincount(thirds[2], minlength=17)[[4, 8, 16]] / len(thirds[2])
+        assert np.all(np.abs(last - 1 / 3) < 0.12)

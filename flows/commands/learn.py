@@ -111,7 +111,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                         "than VAR (the paper uses 0.2); default: keep all")
     p.add_argument("--eval-every", type=positive_int, default=50, metavar="STEPS")
     p.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="STEPS")
-    p.add_argument("--hidden", type=positive_int, default=128)
+    p.add_argument("--curriculum", choices=("cumulative", "stages"), default=d.curriculum,
+                   help="cumulative: each step draws k from the stages reached so far; stages: "
+                        "only the current stage's k (the paper)")
+    p.add_argument("--hidden", type=positive_int, default=64, help="policy width")
     p.add_argument("--seed", type=non_negative_int, default=d.seed)
     p.set_defaults(run=_run_train)
 
@@ -122,7 +125,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     settings = GRPOSettings(
         steps=args.steps, questions_per_step=args.questions_per_step, group=args.group,
-        budgets=args.budgets, lr=args.lr, entropy_coef=args.entropy,
+        budgets=args.budgets, curriculum=args.curriculum, lr=args.lr, entropy_coef=args.entropy,
         temperature=args.temperature, seed=args.seed, filter_threshold=args.filter)
     run = RunSettings(eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                       hidden=args.hidden, device=args.device)
