@@ -261,7 +261,7 @@ def _embed_frames(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan]
     loader = DataLoader(dataset, batch_size=None, collate_fn=_keep,
                         num_workers=min(settings.workers, len(batches)),
                         pin_memory=encoder.device.type == "cuda",
-                        worker_init_fn=dataloader_worker_init,
+                        worker_init_fn=dataloader_worker_init(),
                         prefetch_factor=4 if settings.workers else None)
     buffers: dict[int, _ShardBuffer] = {}
     for shard in todo:

@@ -202,11 +202,11 @@ def ingest_shard(
 _events: Any = None  # the worker's queue back to the parent, set by _init_worker
 
 
-def _init_worker(events: Any) -> None:
+def _init_worker(events: Any, parent: int) -> None:
     global _events
     _events = events
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt does
-    die_with_parent()
+    die_with_parent(parent)
 
 
 def _worker_shard(index: int, videos: list[Video], out: str, settings: IngestSettings) -> dict:
@@ -224,7 +224,7 @@ def _run_pool(
     crashes: list[tuple[str, str]] = []
     workers = min(settings.workers, len(jobs))
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(events,)) as pool:
+                             initargs=(events, os.getpid())) as pool:
         futures: dict[Future, int] = {
             pool.submit(_worker_shard, i, vids, str(out), settings): i for i, vids in jobs
         }

@@ -33,6 +33,7 @@ from typing import Any
 import av
 import numpy as np
 
+from pipelines.workers import die_with_parent
 from stores.manifest import build_manifest, write_manifest
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -464,7 +465,8 @@ def generate(out: str | os.PathLike[str], settings: SynthSettings,
     jobs = [(i, settings, str(folder)) for i in range(settings.videos)]
     rows: list[dict[str, Any]] = []
     if settings.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(settings.workers, len(jobs))) as pool:
+        with ProcessPoolExecutor(min(settings.workers, len(jobs)), initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             for row in pool.map(_make_video, jobs, chunksize=2):
                 rows.append(row)
                 if report:

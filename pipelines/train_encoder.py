@@ -195,7 +195,7 @@ def train(out: str | os.PathLike[str], settings: TrainSettings,
     batches = iter(torch.utils.data.DataLoader(
         FreshFrames(settings), batch_size=None, num_workers=settings.draw_workers,
         prefetch_factor=2 if settings.draw_workers else None,
-        worker_init_fn=dataloader_worker_init if settings.draw_workers else None))
+        worker_init_fn=dataloader_worker_init() if settings.draw_workers else None))
     mean = torch.tensor(encoder.identity["preprocess"]["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(encoder.identity["preprocess"]["std"]).view(1, 3, 1, 1)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import av
@@ -19,6 +22,33 @@ GOOD_VIDEOS = [
     "asl_yes.mkv", "big_buck_bunny_0_30.webm", "nasa_13013.mp4", "realshort.mp4",
     "rotated_90.mov",
 ]
+
+
+def _live_members(session: int) -> list[int]:
+    """Processes of a session that are not zombies (which may never be reaped in a
+    container whose init does not reap)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, sid
+            live.append(int(stat.parent.name))
+    return live
+
+
+def kill_parent_and_wait_for_workers(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL a run's main process (started with ``start_new_session=True``), then wait until
+    every process of its session is gone: its workers die with it, but a worker may still
+    finish an atomic rename in the moment before its death signal lands."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while _live_members(proc.pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers of {proc.pid} outlived it by {timeout} s")
+        time.sleep(0.01)
 
 
 def _find_shared_data() -> Path | None:

@@ -5,7 +5,6 @@ uninterrupted run after kill -9."""
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import make_tiny_clip
+from conftest import kill_parent_and_wait_for_workers, make_tiny_clip
 from PIL import Image
 
 from flows.cli import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, main
@@ -250,14 +249,14 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, kill_shards, ti
     for moment in ("first-shard", "third-shard"):
         out = tmp_path / moment
         proc = subprocess.Popen(embed_command(kill_shards, out, tiny_clip),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         want = 1 if moment == "first-shard" else 3
         deadline = time.monotonic() + 120
         while (len(list((out / "progress").glob("shard-*.done.json"))) < want
                and time.monotonic() < deadline):
             time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_parent_and_wait_for_workers(proc)
         done = len(list((out / "progress").glob("shard-*.done.json")))
         assert 0 < done < 6, moment
         result = subprocess.run(embed_command(kill_shards, out, tiny_clip), capture_output=True,

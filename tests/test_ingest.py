@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import GOOD_VIDEOS
+from conftest import GOOD_VIDEOS, kill_parent_and_wait_for_workers
 from PIL import Image
 
 from flows.cli import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, main
@@ -259,7 +258,7 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, v
     for trial, moment in enumerate(["startup", "first-marker", "third-marker"]):
         out = tmp_path / f"killed{trial}"
         proc = subprocess.Popen(ingest_command(corpus, out), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         if moment == "startup":
             time.sleep(0.5)
@@ -267,8 +266,7 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, v
             want = 1 if moment == "first-marker" else 3
             while len(list(out.glob("*.done.json"))) < want and time.monotonic() < deadline:
                 time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_parent_and_wait_for_workers(proc)
         done_before = len(list(out.glob("*.done.json")))
         assert done_before < 5, f"{moment}: the run finished before it could be killed"
         # re-run to completion
