@@ -102,17 +102,18 @@ def random_corpus(videos: int, frames: int, dim: int) -> Corpus:
         x = rng.standard_normal(shape)
         return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
 
+    answers = rng.integers(0, 4, videos).astype(np.int16)
     features = Features(
         frame_embedding=unit(n, dim), frame_time=np.tile(np.arange(frames) * 0.25, videos),
         frame_video=np.repeat(np.arange(videos), frames).astype(np.int32),
         video_ids=[f"v{i}" for i in range(videos)], offsets=np.arange(videos + 1) * frames,
         duration=np.full(videos, frames * 0.25), qids=[f"q{i}" for i in range(videos)],
         question_video=np.arange(videos, dtype=np.int32),
-        answer=rng.integers(0, 4, videos).astype(np.int16),
+        answer=answers,
         question_embedding=unit(videos, dim), question_text_embedding=unit(videos, dim),
         option_offsets=np.arange(videos + 1) * 4, option_embedding=unit(4 * videos, dim))
-    questions = [Question(f"q{i}", f"v{i}", "?", ("a", "b", "c", "d"), 0, (), "train", "x")
-                 for i in range(videos)]
+    questions = [Question(f"q{i}", f"v{i}", "?", ("a", "b", "c", "d"), int(answers[i]), (),
+                          "train", "x") for i in range(videos)]
     return Corpus(features, questions)
 
 
@@ -150,7 +151,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--candidates", type=int, default=512)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--train-k", type=int, default=4)
     p.add_argument("--questions", type=int, default=64)

@@ -191,6 +191,7 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
         on_start(settings.steps, trainer.step_count)
     started = time.perf_counter()
     steps_this_call = 0
+    timings = dict.fromkeys(("sample", "reward", "update", "validate", "checkpoint"), 0.0)
 
     def checkpoint() -> None:
         tensors, meta = trainer.state()
@@ -201,6 +202,9 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     while trainer.step_count < settings.steps:
         m = trainer.step()
         steps_this_call += 1
+        for stage in ("sample", "reward", "update"):
+            timings[stage] += getattr(m, f"{stage}_seconds")
+        tick = time.perf_counter()
         row = {"kind": "train", **{k: v for k, v in asdict(m).items() if k != "extra"}}
         last = trainer.step_count == settings.steps
         if trainer.step_count % run.eval_every == 0 or last:
@@ -214,17 +218,21 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                                 for k, v in trainer.policy.state_dict().items()}
         else:
             metrics.append(row)
+        timings["validate"] += time.perf_counter() - tick
         if on_step is not None:
             on_step(m)
-        if trainer.step_count % run.checkpoint_every == 0 or last:
+        tick = time.perf_counter()
+        stopping = stop_after is not None and steps_this_call >= stop_after
+        if trainer.step_count % run.checkpoint_every == 0 or last or stopping:
             checkpoint()
-        if stop_after is not None and steps_this_call >= stop_after:
-            checkpoint()
+        timings["checkpoint"] += time.perf_counter() - tick
+        if stopping:
             break
     finished = trainer.step_count >= settings.steps
     summary = {
         "steps": trainer.step_count, "finished": finished,
         "seconds_this_call": round(time.perf_counter() - started, 1),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
         "best": best, "filter": trainer.filter_stats, "reward": ref.id,
         "cache": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses},
     }

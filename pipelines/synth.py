@@ -49,7 +49,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 class SynthSettings:
     """Every knob that makes the task easier or harder."""
 
-    videos: int = 100
+    videos: int = 300
     seed: int = 0
     duration: tuple[float, float] = (16.0, 32.0)  # seconds, drawn per video
     events: tuple[int, int] = (3, 5)  # events per video

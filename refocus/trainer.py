@@ -42,6 +42,9 @@ class StepMetrics:
     loss: float
     lr: float
     seconds: float
+    sample_seconds: float = 0.0  # drawing the group's subsets
+    reward_seconds: float = 0.0  # the reference (cache misses only)
+    update_seconds: float = 0.0  # teacher-forced pass, backward, optimizer
     cache_hits: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -138,6 +141,7 @@ class GRPOTrainer:
             sample = policy.sample(ctx, k, temperature=s.temperature, generator=self.generator,
                                    with_entropy=False)
         rows = questions.repeat_interleave(s.group)
+        sampled = time.perf_counter()
 
         # 2. rewards from the reference, advantages within each group
         hits_before = self.reward_model.cache.hits if self.reward_model.cache else 0
@@ -145,6 +149,7 @@ class GRPOTrainer:
         grouped = rewards.view(-1, s.group)
         advantage = (grouped - grouped.mean(1, keepdim=True)) / (
             grouped.std(1, keepdim=True, unbiased=False) + 1e-6)
+        rewarded = time.perf_counter()
 
         # 3. teacher-forced log-probabilities, policy-gradient loss with an entropy bonus
         policy.train()
@@ -161,13 +166,15 @@ class GRPOTrainer:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip)
         self.optimizer.step()
         self.step_count += 1
+        done = time.perf_counter()
         hits = (self.reward_model.cache.hits - hits_before) if self.reward_model.cache else 0
         return StepMetrics(
             step=self.step_count, budget=k, reward=float(rewards.mean()),
             reward_std=float(grouped.std(1, unbiased=False).mean()),
             advantage_abs=float(advantage.abs().mean()), entropy=float(mean_entropy.detach()),
-            loss=float(loss.detach()), lr=lr, seconds=time.perf_counter() - started,
-            cache_hits=hits)
+            loss=float(loss.detach()), lr=lr, seconds=done - started,
+            sample_seconds=sampled - started, reward_seconds=rewarded - sampled,
+            update_seconds=done - rewarded, cache_hits=hits)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
