@@ -103,8 +103,10 @@ def load_reader(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     return reader.to(device).eval()
 
 
-def reference(spec: str, corpus: Corpus) -> Reference:
-    """``reader:PATH`` (a trained reader folder); the id names the reader's weights."""
+def reference(spec: str, corpus: Corpus, shards: str | None = None,
+              reference_features: str | None = None, batch_size: int = 8) -> Reference:
+    """``reader:PATH`` (a trained reader folder) or ``lmm:MODEL`` (a Hugging Face video-LLM
+    by hub id or path; frames from ``reference_features`` when given, else from ``shards``)."""
     kind, _, target = spec.partition(":")
     if kind == "reader" and target:
         from pipelines.encoder import file_sha256
@@ -112,8 +114,27 @@ def reference(spec: str, corpus: Corpus) -> Reference:
         reader = load_reader(target, corpus.device)
         digest = file_sha256(Path(target) / checkpoints.WEIGHTS)[:16]
         return ReaderReference(reader, f"reader:{digest}")
+    if kind == "lmm" and target:
+        from refocus.lmm import LMMScorer
+        from refocus.lmm_reference import LMMReference, ShardFrames, StoreFrames
+        from stores.reference import ReferenceStore
+
+        scorer = LMMScorer.load(target, batch_size=batch_size)
+        if reference_features:
+            return LMMReference(scorer, StoreFrames(ReferenceStore(reference_features), scorer))
+        if not shards:
+            raise UserError(f"--reward {spec}: no frames to show it (no --reference-features and "
+                            "the feature store names no shards folder)")
+        return LMMReference(scorer, ShardFrames(shards, scorer))
     raise UserError(f"--reward {spec!r}: expected reader:PATH (a folder from refocus "
-                    "train-reader)")
+                    "train-reader) or lmm:MODEL (a Hugging Face video-LLM id or folder)")
+
+
+def store_shards(store: str | os.PathLike[str]) -> str | None:
+    """The ingest folder a feature store was embedded from."""
+    from stores.features import FeatureStore
+
+    return FeatureStore(store).ingest.get("shards")
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -127,6 +148,8 @@ class RunSettings:
     hidden: int = 64
     layers: int = 2
     device: str | None = None
+    reference_features: str | None = None  # a precompute-reference folder (lmm rewards)
+    reference_batch: int = 8  # (question, subset) pairs per LMM forward
 
 
 def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu",
@@ -157,10 +180,12 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(store, qa, pick_device(run.device))
-    ref = reference(reward_spec, corpus)
+    ref = reference(reward_spec, corpus, store_shards(store), run.reference_features,
+                    run.reference_batch)
     identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
                 if qa else None, "reward": ref.id, "settings": settings.as_dict(),
-                "run": {k: v for k, v in asdict(run).items() if k != "device"}}
+                "run": {k: v for k, v in asdict(run).items()
+                        if k not in ("device", "reference_batch")}}
     saved = checkpoints.load_checkpoint(out_dir)
     run_file = out_dir / "run.json"
     if run_file.exists() and saved is not None:
@@ -253,7 +278,8 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
 def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, split: str,
                    ks: Sequence[int], reward_spec: str, policies: Sequence[str] = (),
                    methods: Sequence[str] = tuple(BASELINES), out: str | os.PathLike[str] | None
-                   = None, device: str | None = None) -> list[Row]:
+                   = None, device: str | None = None,
+                   reference_features: str | None = None) -> list[Row]:
     corpus = load_corpus(store, qa, pick_device(device))
     rows = corpus.rows(split)
     if not rows:
@@ -266,7 +292,8 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
     selectors: list[Selector] = [BASELINES[m]() for m in methods]
     for path, name in zip(policies, _policy_names(policies), strict=True):
         selectors.append(Learned(load_policy(path, corpus.device), name=name))
-    reward_model = RewardModel(reference(reward_spec, corpus))
+    reward_model = RewardModel(reference(reward_spec, corpus, store_shards(store),
+                                         reference_features))
     table = evaluate(corpus, rows, selectors, tuple(ks), reward_model)
     if out is not None:
         write_evaluation(table, Path(out), split)

@@ -28,6 +28,18 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device (default: cuda when present)")
 
 
+REWARD_HELP = ("reference model: reader:PATH (a refocus train-reader folder) or lmm:MODEL (a "
+               "Hugging Face video-LLM: hub id or local folder, e.g. "
+               "lmm:Qwen/Qwen2.5-VL-7B-Instruct)")
+
+
+def _reward_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward", required=True, metavar="SPEC", help=REWARD_HELP)
+    p.add_argument("--reference-features", metavar="DIR",
+                   help="with lmm:, the model's per-frame vision features from refocus "
+                        "precompute-reference (default: computed from the frame shards)")
+
+
 # ----------------------------------------------------------------------------- train-reader
 
 def add_train_reader(sub: argparse._SubParsersAction) -> None:
@@ -89,11 +101,17 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "examples:\n"
         "  refocus train --store data/features --reward reader:runs/reader --out runs/policy\n"
         "  refocus train --store data/features --reward reader:runs/reader --out runs/p2 \\\n"
-        "      --budgets 4,8,16,32 --group 16 --steps 2000 --filter 0.2",
+        "      --budgets 4,8,16,32 --group 16 --steps 2000 --filter 0.2\n"
+        "  refocus precompute-reference --model Qwen/Qwen2.5-VL-7B-Instruct \\\n"
+        "      --shards data/shards --out data/reference\n"
+        "  refocus train --store data/features --reward lmm:Qwen/Qwen2.5-VL-7B-Instruct \\\n"
+        "      --reference-features data/reference --out runs/p-lmm",
     )
     _store_options(p)
-    p.add_argument("--reward", required=True, metavar="SPEC",
-                   help="reference model: reader:PATH (a refocus train-reader folder)")
+    _reward_options(p)
+    p.add_argument("--reference-batch", type=positive_int, default=8, metavar="B",
+                   help="(question, subset) pairs per LMM forward; halves itself on GPU "
+                        "out-of-memory")
     p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
     p.add_argument("--steps", type=positive_int, default=d.steps)
     p.add_argument("--group", type=positive_int, default=d.group,
@@ -128,7 +146,9 @@ def _run_train(args: argparse.Namespace) -> int:
         budgets=args.budgets, curriculum=args.curriculum, lr=args.lr, entropy_coef=args.entropy,
         temperature=args.temperature, seed=args.seed, filter_threshold=args.filter)
     run = RunSettings(eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                      hidden=args.hidden, device=args.device)
+                      hidden=args.hidden, device=args.device,
+                      reference_features=args.reference_features,
+                      reference_batch=args.reference_batch)
     with console.progress_bar("train", "steps") as bar:
         task = bar.add_task("train", total=settings.steps, detail="")
 
@@ -169,7 +189,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     _store_options(p)
     p.add_argument("--split", default="test")
     p.add_argument("--k", type=_ints, default=(4, 8, 16), metavar="K,K,...")
-    p.add_argument("--reward", required=True, metavar="SPEC", help="reference: reader:PATH")
+    _reward_options(p)
     p.add_argument("--policy", nargs="*", default=[], metavar="RUN",
                    help="learned policies (run folders or policy folders)")
     p.add_argument("--methods", nargs="*", default=None, metavar="NAME",
@@ -185,7 +205,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     methods = args.methods if args.methods is not None else list(BASELINES)
     table = evaluate_stage(args.store, args.qa, args.split, args.k, args.reward, args.policy,
-                           methods, args.out, args.device)
+                           methods, args.out, args.device, args.reference_features)
     console.out.print(markdown_table([r for r in table if r.category == "all"], args.split))
     if args.out:
         console.out.print(f"per question kind: {args.out / 'eval.md'}; also eval.csv, eval.png")

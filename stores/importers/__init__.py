@@ -16,12 +16,15 @@ from stores.importers.folder import (
     import_video_files,
     import_video_url,
 )
+from stores.importers.longvideobench import import_longvideobench
+from stores.importers.mlvu import import_mlvu
 from stores.importers.nextqa import import_nextgqa, import_nextqa
+from stores.importers.videomme import import_videomme
 from stores.manifest import Manifest, merge, read_manifest
 
 __all__ = [
     "VIDEO_EXTENSIONS", "import_folder", "import_video_files", "import_video_url", "import_nextqa",
-    "import_nextgqa", "from_inputs",
+    "import_nextgqa", "import_videomme", "import_longvideobench", "import_mlvu", "from_inputs",
 ]
 
 

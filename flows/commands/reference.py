@@ -1,0 +1,57 @@
+"""refocus precompute-reference: a reference LMM's vision features, offline, once per frame."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flows import console
+from flows.options import EXIT_OK, add_command, positive_int
+
+
+def add_precompute_reference(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub, "precompute-reference", "run a reference LMM's vision tower over every frame, once",
+        "Run the vision tower (and projector) of a Hugging Face video-LLM over every frame of\n"
+        "the finished ingest shards, in batched passes (GPU when present), and store the\n"
+        "per-frame features in a reference store. Training with --reward lmm:MODEL\n"
+        "--reference-features DIR then runs only the language model online. Re-running\n"
+        "resumes: finished shards are skipped.\n\n"
+        "examples:\n"
+        "  refocus precompute-reference --model Qwen/Qwen2.5-VL-7B-Instruct \\\n"
+        "      --shards data/shards --out data/reference\n"
+        "  refocus precompute-reference --model /models/llava-onevision-qwen2-0.5b-ov-hf \\\n"
+        "      --shards data/shards --out data/reference-llava --frames-per-pass 64",
+    )
+    p.add_argument("--model", required=True, metavar="ID|DIR",
+                   help="Hugging Face hub id or local folder of an image-text-to-text model")
+    p.add_argument("--shards", required=True, type=Path, metavar="DIR",
+                   help="ingest folder (refocus ingest --out)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="reference folder")
+    p.add_argument("--device", help="torch device (default: cuda when present)")
+    p.add_argument("--frames-per-pass", type=positive_int, default=32, metavar="N",
+                   help="frames through the vision tower at once")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.reference import PrecomputeSettings, precompute_reference
+    from refocus.lmm import LMMScorer
+    from stores.shards import ShardSet
+
+    shards = ShardSet(args.shards)
+    total = sum(len(m["samples"]) for m in shards.markers())
+    scorer = LMMScorer.load(args.model, device=args.device)
+    with console.progress_bar("precompute-reference", "videos") as bar:
+        task = bar.add_task("precompute-reference", total=total, detail="")
+
+        def on_video(video_id: str, frames: int) -> None:
+            bar.update(task, advance=1, detail=f"{video_id} ({frames} frames)")
+
+        summary = precompute_reference(args.shards, args.out, scorer,
+                                       PrecomputeSettings(args.frames_per_pass), on_video)
+    console.out.print(
+        f"[bold]precompute-reference[/] → {args.out}: {summary['frames']} frames, "
+        f"{summary['shards_written']} shards written, {summary['shards_skipped']} skipped "
+        f"({summary['seconds']} s; vision {summary['timings']['vision']} s)", markup=True)
+    return EXIT_OK
