@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/refocus ingest samples/videos --out runs/demo/shards --shard-size 4
+	$(BIN)/refocus demo --out runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -95,3 +95,28 @@ def per_kind_chart(table: list[Row], k: int, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def selection_timelines(videos: list[dict[str, Any]], path: Path) -> Path:
+    """Per video (one row each): its evidence spans (shaded), the uniform picks and the learned
+    picks as ticks over time. ``videos``: ``{title, duration, evidence: [[a, b]], picks:
+    {method: [seconds]}}``."""
+    fig, axes = plt.subplots(len(videos), 1, figsize=(11, 1.3 * len(videos) + 0.6),
+                             squeeze=False)
+    for ax, video in zip(axes[:, 0], videos, strict=True):
+        for a, b in video["evidence"]:
+            ax.axvspan(a, b, color="#f4c542", alpha=0.5, lw=0)
+        methods = list(video["picks"])
+        for row, method in enumerate(methods):
+            times = video["picks"][method]
+            ax.scatter(times, [row] * len(times), marker="|", s=300,
+                       color=["#7f7f7f", "#d62728", "#1f77b4"][row % 3], label=method)
+        ax.set_yticks(range(len(methods)), methods)
+        ax.set_ylim(-0.7, len(methods) - 0.3)
+        ax.set_xlim(0, video["duration"])
+        ax.set_title(video["title"], fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("seconds (shaded: evidence)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
