@@ -28,8 +28,7 @@ from typing import Any
 
 from stores.errors import UserError
 from stores.ids import safe_component
-from stores.importers.nextqa import _video_index
-from stores.importers.videomme import (
+from stores.importers.records import (
     RowProblem,
     check_fields_present,
     finish,
@@ -38,6 +37,7 @@ from stores.importers.videomme import (
     split_from_name,
     string_list,
     text_field,
+    video_index,
 )
 from stores.manifest import Issue, Manifest
 
@@ -82,7 +82,7 @@ def import_longvideobench(
                         "published; import an annotated file such as lvb_val.json)")
     root = Path(video_root) if video_root is not None else p.parent / "videos"
     split = split if split is not None else split_from_name(p)
-    found = _video_index(root)
+    found = video_index(root)
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
     for where, row in records:

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stores.ids import safe_component
-from stores.importers.nextqa import _video_index
-from stores.importers.videomme import (
+from stores.importers.records import (
     RowProblem,
     check_fields_present,
     find_video,
@@ -34,6 +33,7 @@ from stores.importers.videomme import (
     split_from_name,
     string_list,
     text_field,
+    video_index,
 )
 from stores.manifest import Issue, Manifest
 
@@ -60,7 +60,7 @@ def import_mlvu(
     files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     root = (Path(video_root) if video_root is not None
             else (files[0].parent if files else Path()) / "videos")
-    found = _video_index(root)
+    found = video_index(root)
     out: list[tuple[str, dict[str, Any]]] = []
     issues: list[Issue] = []
     seen: set[str] = set()

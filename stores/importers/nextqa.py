@@ -21,21 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from stores.errors import UserError
-from stores.importers.folder import VIDEO_EXTENSIONS
+from stores.importers.records import video_index
 from stores.manifest import Issue, Manifest, build_manifest, sort_issues
 
 OPTION_COLUMNS = ("a0", "a1", "a2", "a3", "a4")
 REQUIRED_COLUMNS = ("video_id", "question", "answer", "qid", *OPTION_COLUMNS)
-
-
-def _video_index(video_root: Path | None) -> dict[str, Path]:
-    if video_root is None or not video_root.is_dir():
-        return {}
-    return {
-        p.stem: p
-        for p in sorted(video_root.rglob("*"))
-        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-    }
 
 
 def _answer_index(answer: str, options: list[str]) -> int:
@@ -88,7 +78,7 @@ def _to_manifest(
 ) -> Manifest:
     rows, issues = _read_rows(csv_path)
     root = video_root if video_root is not None else csv_path.parent / "videos"
-    found = _video_index(video_root)
+    found = video_index(video_root)
     split = split if split is not None else _split_from_name(csv_path)
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()

@@ -21,24 +21,28 @@ time, recorded like any broken video. Issues name the row as ``file:N`` where N 
 of a ``.jsonl`` file and the 0-based position of the row in a ``.json`` list or a parquet
 table.
 
-The helpers for JSON rows here (:func:`read_records`, :class:`RowProblem` and the field
-checks) are shared with the LongVideoBench and MLVU importers.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from stores.errors import UserError
 from stores.ids import safe_component
-from stores.importers.nextqa import _video_index
-from stores.manifest import Issue, Manifest, build_manifest, sort_issues
+from stores.importers.records import (
+    RowProblem,
+    check_fields_present,
+    find_video,
+    finish,
+    read_records,
+    split_from_name,
+    string_list,
+    text_field,
+    video_index,
+)
+from stores.manifest import Issue, Manifest
 
 REQUIRED_FIELDS = ("videoID", "question_id", "question", "options", "answer")
 # Video-MME field → key in the video row's meta
@@ -46,166 +50,6 @@ VIDEO_META = {
     "duration": "duration_category", "domain": "domain", "sub_category": "sub_category",
     "url": "url", "language": "language", "video_id": "videomme_id",
 }
-SPLITS = ("train", "val", "validation", "dev", "test")
-
-
-class RowProblem(Exception):
-    """One field of one source row is unusable; becomes an :class:`Issue`."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
-        self.message = message
-
-
-def read_records(path: Path, what: str) -> tuple[list[tuple[str, dict[str, Any]]], list[Issue]]:
-    """``(where, row)`` for every object in a ``.json`` list, a ``.jsonl`` file or (with
-    pyarrow) a ``.parquet`` table; a line that is not a JSON object is an issue.
-
-    ``where`` is ``file:line`` for JSONL, ``file:index`` (0-based) for a list or a table.
-    A file that cannot be read at all is a :class:`UserError` naming it and ``what`` it
-    should have been."""
-    if not path.is_file():
-        raise UserError(f"{path}: annotation file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        records: Iterable[Any] = _read_parquet(path)
-        numbered = enumerate(records)
-    elif suffix == ".jsonl":
-        return _read_jsonl(path)
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not a UTF-8 text file ({e.reason})") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: not in the {what} format (expected a JSON list of "
-                            f"rows, got a JSON {type(data).__name__})")
-        numbered = enumerate(data)
-    else:
-        raise UserError(f"{path}: unknown kind of annotation file (expected .json, .jsonl "
-                        "or .parquet)")
-    rows: list[tuple[str, dict[str, Any]]] = []
-    issues: list[Issue] = []
-    for index, record in numbered:
-        where = f"{path}:{index}"
-        if isinstance(record, dict):
-            rows.append((where, record))
-        else:
-            issues.append(Issue(where, "row",
-                                f"must be a JSON object, got {type(record).__name__}"))
-    return rows, issues
-
-
-def _read_jsonl(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[Issue]]:
-    rows: list[tuple[str, dict[str, Any]]] = []
-    issues: list[Issue] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    issues.append(Issue(where, "row", f"not valid JSON ({e.msg} at column "
-                                                      f"{e.colno})"))
-                    continue
-                if isinstance(record, dict):
-                    rows.append((where, record))
-                else:
-                    issues.append(Issue(where, "row",
-                                        f"must be a JSON object, got {type(record).__name__}"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not a UTF-8 text file ({e.reason})") from None
-    return rows, issues
-
-
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    try:
-        import pyarrow.parquet as pq  # only when a parquet file is read
-    except ImportError:  # pragma: no cover - pyarrow is a dependency of the project
-        raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); "
-                        "or convert the file to .json/.jsonl") from None
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several kinds for a damaged file
-        raise UserError(f"{path}: not a readable parquet file ({e})") from None
-
-
-def check_fields_present(
-    path: Path, rows: list[tuple[str, dict[str, Any]]], fields: Iterable[str], what: str,
-) -> None:
-    """Refuse a file whose rows never carry one of ``fields``: it is another format, and
-    reporting every row would bury the one thing wrong."""
-    if not rows:
-        return
-    seen = set().union(*(row.keys() for _, row in rows))
-    missing = [name for name in fields if name not in seen]
-    if missing:
-        raise UserError(f"{path}: not in the {what} format (no row has: {', '.join(missing)})")
-
-
-def text_field(row: dict[str, Any], name: str) -> str:
-    """A required non-empty string (a number is taken as its text, as ids sometimes are)."""
-    value = row.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise RowProblem(name, "empty or missing")
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise RowProblem(name, f"must be a string, got {type(value).__name__}")
-    return str(value).strip()
-
-
-def string_list(row: dict[str, Any], name: str) -> list[str]:
-    """A required list of at least two strings."""
-    value = row.get(name)
-    if value is None:
-        raise RowProblem(name, "empty or missing")
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise RowProblem(name, "must be a list of strings")
-    if len(value) < 2:
-        raise RowProblem(name, f"needs at least 2 options, got {len(value)}")
-    return value
-
-
-def seconds(row: dict[str, Any], name: str) -> float | None:
-    """An optional positive, finite number of seconds."""
-    value = row.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RowProblem(name, f"must be a number of seconds, got {value!r}")
-    if value <= 0:
-        raise RowProblem(name, f"must be positive, got {value!r}")
-    return float(value)
-
-
-def split_from_name(path: Path) -> str | None:
-    """``val`` for ``lvb_val.json``, ``test`` for ``test-00000-of-00001.parquet``."""
-    words = re.split(r"[^a-z]+", path.stem.lower())
-    for split in SPLITS:
-        if split in words:
-            return "val" if split == "validation" else split
-    return None
-
-
-def find_video(found: dict[str, Path], root: Path, name: str) -> str:
-    """The video whose stem is ``name``'s under ``root`` (searched recursively), or the
-    path ``root/name`` where it would be (a missing video fails at decode time)."""
-    return str(found.get(Path(name).stem, root / name))
-
-
-def finish(rows: list[tuple[str, dict[str, Any]]], issues: list[Issue]) -> Manifest:
-    """Validate the rows and put the importer's own issues among the manifest's, in file
-    order."""
-    manifest = build_manifest(rows)
-    manifest.issues = sort_issues(issues + manifest.issues)
-    return manifest
-
-
 _LETTER_PREFIX = re.compile(r"\s*([A-Z])\s*[.):]\s*")
 
 
@@ -236,7 +80,7 @@ def letter_index(answer: str, count: int) -> int:
 def _rows(
     records: list[tuple[str, dict[str, Any]]], root: Path, split: str | None,
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[Issue]]:
-    found = _video_index(root)
+    found = video_index(root)
     out: list[tuple[str, dict[str, Any]]] = []
     issues: list[Issue] = []
     seen: set[str] = set()
