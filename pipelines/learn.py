@@ -83,6 +83,14 @@ def train_reader_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                        out: str | os.PathLike[str], settings: ReaderTrainSettings,
                        device: str | None = None,
                        log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train a reader into ``out`` and return its report; a reader already there, trained with
+    the same settings on the same store and questions, is kept and its report returned."""
+    identity = {"settings": asdict(settings), "store": str(Path(store).resolve()),
+                "qa": [str(Path(q).resolve()) for q in qa] if qa else None}
+    if (Path(out) / checkpoints.CONFIG).is_file() and (Path(out) / checkpoints.WEIGHTS).is_file():
+        meta = json.loads((Path(out) / checkpoints.CONFIG).read_text())
+        if meta.get("kind") == "reader" and all(meta.get(k) == v for k, v in identity.items()):
+            return meta["report"]
     corpus = load_corpus(store, qa, pick_device(device))
     started = time.perf_counter()
     reader = train_reader(corpus, settings, log=log)
@@ -91,7 +99,7 @@ def train_reader_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     report = {"split": split, **reader_report(reader, corpus, split),
               "train_seconds": round(seconds, 1)}
     checkpoints.save_model(out, "reader", reader.config.as_dict(), reader.state_dict(),
-                           settings=asdict(settings), report=report,
+                           **identity, report=report,
                            encoder_sha256=FeatureStore(store).encoder.get("weights_sha256"))
     return report
 
@@ -261,7 +269,7 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
         "best": best, "filter": trainer.filter_stats, "reward": ref.id,
         "cache": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses},
     }
-    if finished:
+    if finished and (steps_this_call or not (out_dir / "policy").exists()):
         checkpoints.save_model(out_dir / "policy", "policy", policy_config.as_dict(),
                                best_weights, chosen="best validation", best=best,
                                settings=settings.as_dict(), reward=ref.id)

@@ -34,8 +34,12 @@ def test_demo_writes_a_report_that_matches_the_evaluation(tmp_path):
     assert [s for s in said if s.startswith("[")] == [
         f"[{i}/6] {name} …" for i, name in
         enumerate(["synth", "ingest", "embed", "train-reader", "train", "eval"], 1)]
-    # a re-run resumes: nothing is generated, ingested or embedded again, training is done
+    # a re-run resumes: nothing is generated, ingested, embedded or trained again
+    weights = [tmp_path / "reader" / "weights.safetensors",
+               tmp_path / "policy" / "policy" / "weights.safetensors"]
+    stamps = [w.stat().st_mtime_ns for w in weights]
     again = run_demo(tmp_path, SMALL, say=lambda _: None)
+    assert [w.stat().st_mtime_ns for w in weights] == stamps
     assert again["seconds"]["synth"] == 0.0
     assert json.loads((tmp_path / "shards" / "summary.json").read_text())["shards_written"] == 0
     assert json.loads((tmp_path / "features" / "summary.json").read_text())["shards_written"] == 0
