@@ -202,3 +202,26 @@ def test_training_with_lmm_rewards(models, synth_store, tmp_path):
         answer = int(corpus.answer[i])
         by_hand.append(logits[answer] - torch.cat([logits[:answer], logits[answer + 1:]]).max())
     torch.testing.assert_close(margins, torch.stack(by_hand), atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved(scorers, frames, monkeypatch):
+    """Forwards of more than 2 pairs raise CUDA's out-of-memory error: the scorer halves its
+    batch until they fit, and the logits are those of the unbatched path."""
+    scorer = scorers["qwen2_vl"]
+    items = items_for(frames)
+    real = scorer._forward_images
+    sizes = []
+
+    def tight(chunk):  # noqa: ANN001, ANN202
+        sizes.append(len(chunk))
+        if len(chunk) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(chunk)
+
+    alone = [scorer.logits_from_images([it])[0] for it in items]
+    monkeypatch.setattr(scorer, "_forward_images", tight)
+    got = scorer.logits_from_images(items)
+    assert sizes[:3] == [5, 4, 2] and max(sizes[3:]) <= 2
+    for row, single in zip(got, alone, strict=True):
+        n = torch.isfinite(single).sum()
+        torch.testing.assert_close(row[:n], single[:n], atol=2e-5, rtol=1e-5)
