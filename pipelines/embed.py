@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,77 @@ class _ShardBuffer:
     pending: int
 
 
+@dataclass
+class ShardFeatures:
+    """One input shard's computed rows, on their way to the writer."""
+
+    plan: ShardPlan
+    embedding: np.ndarray
+    time: np.ndarray
+    duration: np.ndarray
+
+
+@dataclass
+class EmbedJob:
+    """A planned embedding whose folder lock is held: the writer and the shards to do."""
+
+    shards_dir: Path
+    out: Path
+    plan: EmbedPlan
+    writer: FeatureWriter
+    todo: list[ShardPlan]
+    started: float = field(default_factory=time.perf_counter)
+
+    def write(self, shard: ShardFeatures) -> None:
+        """The one writer: a shard's rows into Zarr, then its done marker."""
+        self.writer.write_shard(shard.plan.index, shard.plan.rows, shard.embedding, shard.time,
+                                shard.plan.videos, shard.duration, {"frames": len(shard.time)})
+
+
+@contextmanager
+def embed_job(shards_dir: str | os.PathLike[str], out: str | os.PathLike[str],
+              identity: dict[str, Any], batch_size: int) -> Iterator[EmbedJob]:
+    """Plan the store for a finished ingest and hold the feature folder's lock while the
+    shards' features are computed (by ``embed``, or by a flow's mapped tasks)."""
+    source = ShardSet(shards_dir)
+    embed_plan = plan(source, batch_size)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ingest_info = {"shards": str(Path(shards_dir).resolve()), "settings": source.plan["settings"]}
+    with shard_files.exclusive_lock(out_dir / ".embed.lock", f"feature folder {out_dir}"):
+        for stale in (out_dir / "features.zarr").rglob("*.partial"):
+            stale.unlink()  # chunk writes a killed run left half-done (never renamed)
+        writer = FeatureWriter(out_dir, embed_plan.layout, identity, ingest_info)
+        todo = [s for s in embed_plan.shards if not writer.done(s.index)]
+        yield EmbedJob(Path(shards_dir), out_dir, embed_plan, writer, todo)
+
+
+def finish_embed(job: EmbedJob, encoder: Encoder, settings: EmbedSettings,
+                 questions: Manifest | None, written: list[ShardPlan],
+                 timings: dict[str, float]) -> EmbedSummary:
+    """Questions, the FAISS index and the summary, once every shard is written."""
+    summary = EmbedSummary(out=str(job.out))
+    summary.shards_written = len(written)
+    summary.shards_skipped = len(job.plan.shards) - len(job.todo)
+    summary.frames_written = sum(s.rows.stop - s.rows.start for s in written)
+    missing = [s.index for s in job.plan.shards if not job.writer.done(s.index)]
+    summary.failures = [f"input shard {i}: its features were not written" for i in missing]
+    if questions is not None:
+        summary.questions, failures = _embed_questions(questions, job.plan, encoder, job.writer)
+        summary.failures += failures
+    summary.frames = job.plan.layout.n_frames
+    summary.videos = len(job.plan.layout.video_ids)
+    timings = dict(timings)
+    if settings.index is not None and summary.frames and not missing:
+        t0 = time.perf_counter()
+        summary.index = build_index(job.out, settings.index)
+        timings["index"] = time.perf_counter() - t0
+    summary.timings = {k: round(v, 3) for k, v in timings.items()}
+    summary.seconds = round(time.perf_counter() - job.started, 3)
+    shard_files.write_json_atomic(job.out / "summary.json", summary.as_dict())
+    return summary
+
+
 def embed(
     shards_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -214,55 +286,31 @@ def embed(
 
     ``on_start(frames_to_do, frames_done)`` and ``report(frames)`` feed a progress display.
     """
-    started = time.perf_counter()
-    source = ShardSet(shards_dir)
-    embed_plan = plan(source, settings.batch_size)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ingest_info = {"shards": str(Path(shards_dir).resolve()), "settings": source.plan["settings"]}
-    summary = EmbedSummary(out=str(out_dir))
-    with shard_files.exclusive_lock(out_dir / ".embed.lock", f"feature folder {out_dir}"):
-        for stale in (out_dir / "features.zarr").rglob("*.partial"):
-            stale.unlink()  # chunk writes a killed run left half-done (never renamed)
-        writer = FeatureWriter(out_dir, embed_plan.layout, encoder.identity, ingest_info)
-        todo = [s for s in embed_plan.shards if not writer.done(s.index)]
-        summary.shards_skipped = len(embed_plan.shards) - len(todo)
-        rows_todo = sum(s.rows.stop - s.rows.start for s in todo)
+    with embed_job(shards_dir, out, encoder.identity, settings.batch_size) as job:
+        rows_todo = sum(s.rows.stop - s.rows.start for s in job.todo)
         if on_start is not None:
-            on_start(rows_todo, embed_plan.layout.n_frames - rows_todo)
-        timings = _embed_frames(Path(shards_dir), embed_plan, todo, encoder, writer, settings,
-                                report or (lambda n: None))
-        summary.frames_written = rows_todo
-        summary.shards_written = len(todo)
-        if questions is not None:
-            summary.questions, summary.failures = _embed_questions(questions, embed_plan,
-                                                                   encoder, writer)
-        summary.frames = embed_plan.layout.n_frames
-        summary.videos = len(embed_plan.layout.video_ids)
-        if settings.index is not None and summary.frames:
-            t0 = time.perf_counter()
-            summary.index = build_index(out_dir, settings.index)
-            timings["index"] = time.perf_counter() - t0
-        summary.timings = {k: round(v, 3) for k, v in timings.items()}
-        summary.seconds = round(time.perf_counter() - started, 3)
-        shard_files.write_json_atomic(out_dir / "summary.json", summary.as_dict())
-    return summary
+            on_start(rows_todo, job.plan.layout.n_frames - rows_todo)
+        timings = compute_shards(job.shards_dir, job.plan, job.todo, encoder, settings.workers,
+                                 job.write, report or (lambda n: None))
+        return finish_embed(job, encoder, settings, questions, job.todo, timings)
 
 
-def _embed_frames(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan],
-                  encoder: Encoder, writer: FeatureWriter, settings: EmbedSettings,
-                  report: Callable[[int], None]) -> dict[str, float]:
+def compute_shards(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan],
+                   encoder: Encoder, workers: int, sink: Callable[[ShardFeatures], None],
+                   report: Callable[[int], None] = lambda n: None) -> dict[str, float]:
+    """Embed the frames of ``todo``'s shards, handing each finished shard to ``sink``;
+    returns the per-stage seconds. ``workers`` DataLoader processes read and preprocess."""
     timings = {"read": 0.0, "decode": 0.0, "preprocess": 0.0, "wait": 0.0, "model": 0.0,
                "write": 0.0}
     if not todo:
         return timings
     batches = [b for s in todo for b in s.batches]
     dataset = FrameBatches(shards_dir, embed_plan, batches, encoder.preprocess)
-    loader = DataLoader(dataset, batch_size=None, collate_fn=_keep,
-                        num_workers=min(settings.workers, len(batches)),
+    workers = min(workers, len(batches))
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=workers,
                         pin_memory=encoder.device.type == "cuda",
                         worker_init_fn=dataloader_worker_init(),
-                        prefetch_factor=4 if settings.workers else None)
+                        prefetch_factor=4 if workers else None)
     buffers: dict[int, _ShardBuffer] = {}
     for shard in todo:
         n = shard.rows.stop - shard.rows.start
@@ -287,9 +335,7 @@ def _embed_frames(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan]
             buffer.duration[video - buffer.plan.videos.start] = duration
         buffer.pending -= 1
         if buffer.pending == 0:
-            writer.write_shard(buffer.plan.index, buffer.plan.rows, buffer.embedding,
-                               buffer.time, buffer.plan.videos, buffer.duration,
-                               {"frames": len(buffer.time)})
+            sink(ShardFeatures(buffer.plan, buffer.embedding, buffer.time, buffer.duration))
             del buffers[item.batch.shard]
         report(item.batch.stop - item.batch.start)
         done = time.perf_counter()

@@ -5,6 +5,10 @@ shards whose done marker exists, and runs the rest in a process pool, one shard 
 A worker decodes its shard's videos one by one (``pipelines.decode``), encodes the kept
 frames as JPEG, and writes the shard through ``stores.shards.ShardWriter``. A video that
 fails is recorded in its shard's marker with a one-line reason and the shard goes on.
+
+The parts are public so that a Prefect flow (``flows/orchestrate.py``) can map the same
+shard function over tasks: ``ingest_job`` (plan + folder lock), ``ingest_shard`` (one shard,
+one writer), ``finish_ingest`` (summary and failure records).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from queue import Empty
@@ -283,26 +288,26 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
         )
 
 
-def ingest(
-    manifest: Manifest,
-    out: str | os.PathLike[str],
-    settings: IngestSettings,
-    *,
-    retry_failed: bool = False,
-    on_start: Callable[[int, int], None] | None = None,
-    report: Callable[[VideoDone], None] | None = None,
-) -> IngestSummary:
-    """Ingest ``manifest``'s videos into shards under ``out`` and return the summary.
+@dataclass
+class IngestJob:
+    """A planned ingest whose folder lock is held: the shards still to write and the rest."""
 
-    ``on_start(videos_to_do, videos_already_done)`` is called once the plan is known and
-    ``report`` once per finished video (both for progress displays). ``retry_failed`` redoes
-    finished shards that recorded failed videos. Manifest issues are carried into the
-    summary's failures; they do not stop the run.
-    """
-    started = time.perf_counter()
+    out: Path
+    plan: dict[str, Any]
+    issues: list[Issue]
+    todo: list[tuple[int, list[Video]]]
+    videos_done: int
+    settings: IngestSettings
+    started: float = field(default_factory=time.perf_counter)
+
+
+@contextmanager
+def ingest_job(manifest: Manifest, out: str | os.PathLike[str], settings: IngestSettings,
+               retry_failed: bool = False) -> Iterator[IngestJob]:
+    """Plan an ingest under ``out`` and hold its folder lock while the shards are written
+    (by ``ingest``'s pool, or by a flow's mapped tasks); ``finish_ingest`` summarises."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = report or (lambda event: None)
     if not manifest.videos:
         raise UserError("no videos to ingest: the inputs hold no usable video rows")
     plan = {"settings": settings.output_settings(),
@@ -324,19 +329,48 @@ def ingest(
                 todo.append((index, [by_id[i] for i in ids]))
             else:
                 done_videos += len(ids)
+        yield IngestJob(out_dir, plan, list(manifest.issues), todo, done_videos,
+                        _with_decoder_threads(settings, len(todo)))
+
+
+def finish_ingest(job: IngestJob, written: list[dict[str, Any]],
+                  crashes: list[tuple[str, str]]) -> IngestSummary:
+    """The summary of a job's shards (all of them, this run's and earlier ones), written to
+    ``summary.json`` and ``failures.jsonl``; ``crashes`` are shards that could not be written."""
+    summary = _summarise(job.out, job.plan, job.issues, written, crashes)
+    summary.shards_skipped = len(job.plan["shards"]) - len(job.todo)
+    summary.seconds = round(time.perf_counter() - job.started, 3)
+    _write_records(job.out, summary)
+    return summary
+
+
+def ingest(
+    manifest: Manifest,
+    out: str | os.PathLike[str],
+    settings: IngestSettings,
+    *,
+    retry_failed: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    report: Callable[[VideoDone], None] | None = None,
+) -> IngestSummary:
+    """Ingest ``manifest``'s videos into shards under ``out`` and return the summary.
+
+    ``on_start(videos_to_do, videos_already_done)`` is called once the plan is known and
+    ``report`` once per finished video (both for progress displays). ``retry_failed`` redoes
+    finished shards that recorded failed videos. Manifest issues are carried into the
+    summary's failures; they do not stop the run.
+    """
+    report = report or (lambda event: None)
+    with ingest_job(manifest, out, settings, retry_failed) as job:
         if on_start is not None:
-            on_start(sum(len(v) for _, v in todo), done_videos)
-        settings = _with_decoder_threads(settings, len(todo))
-        if settings.workers == 1 or len(todo) <= 1:
-            written = [ingest_shard(i, vids, out_dir, settings, report) for i, vids in todo]
+            on_start(sum(len(v) for _, v in job.todo), job.videos_done)
+        if job.settings.workers == 1 or len(job.todo) <= 1:
+            written = [ingest_shard(i, vids, job.out, job.settings, report)
+                       for i, vids in job.todo]
             crashes: list[tuple[str, str]] = []
         else:
-            written, crashes = _run_pool(todo, out_dir, settings, report)
-        summary = _summarise(out_dir, plan, manifest.issues, written, crashes)
-        summary.shards_skipped = len(plan["shards"]) - len(todo)
-        summary.seconds = round(time.perf_counter() - started, 3)
-        _write_records(out_dir, summary)
-    return summary
+            written, crashes = _run_pool(job.todo, job.out, job.settings, report)
+        return finish_ingest(job, written, crashes)
 
 
 def _summarise(out: Path, plan: dict[str, Any], issues: list[Issue],

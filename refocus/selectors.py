@@ -156,19 +156,26 @@ class Learned:
     name: str = "refocus"
     batch_size: int = 64
 
-    @torch.no_grad()
     def select(self, corpus: Corpus, questions: list[int], k: int) -> list[list[int]]:
+        return [picks for picks, _ in self.select_scored(corpus, questions, k)]
+
+    @torch.no_grad()
+    def select_scored(self, corpus: Corpus, questions: list[int], k: int,
+                      ) -> list[tuple[list[int], list[float]]]:
+        """Per question, the picks in time order with the policy's probability of each pick
+        at the step it was chosen."""
         self.policy.eval()
-        out: list[list[int]] = []
+        out: list[tuple[list[int], list[float]]] = []
         for i in range(0, len(questions), self.batch_size):
             part = questions[i:i + self.batch_size]
             batch = corpus.frames_of(part)
             ctx = self.policy.encode(batch.question_embedding, batch.question_text, batch.frames,
                                      batch.times, batch.valid)
             selection = self.policy.sample(ctx, k, greedy=True, with_entropy=False)
-            for picks, mask in zip(selection.picks.tolist(), selection.mask.tolist(),
-                                   strict=True):
-                out.append(sorted(p for p, m in zip(picks, mask, strict=True) if m))
+            picks, log_probs = selection.in_time_order(batch.times)
+            real = selection.mask.sum(dim=1).tolist()
+            for p, lp, n in zip(picks.tolist(), log_probs.exp().tolist(), real, strict=True):
+                out.append((p[:n], lp[:n]))
         return out
 
 

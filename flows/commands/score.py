@@ -1,0 +1,82 @@
+"""refocus score: a trained policy picks the frames of a new corpus."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from flows import console
+from flows.options import EXIT_FAILURES, EXIT_OK, add_command, non_negative_int, positive_int
+
+
+def add_score(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub, "score", "pick k frames per question of a new corpus with a trained policy",
+        "Batch-score a new corpus: ingest its videos with the candidate settings the policy\n"
+        "was trained on, embed them with the policy's encoder (both skip what is already\n"
+        "done in --out), and let the policy choose k frames per question. Writes\n"
+        "selections.jsonl and selections.parquet (qid, video_id, frame_indices, timestamps in\n"
+        "time order, probabilities) and, with --export, the chosen frames themselves for a\n"
+        "downstream video-LLM. Benchmark annotations (Video-MME, LongVideoBench, MLVU,\n"
+        "NExT-QA) become manifests with 'refocus import' first.\n\n"
+        "examples:\n"
+        "  refocus score corpus.jsonl --policy runs/policy --k 32 --out scored/\n"
+        "  refocus import videomme test.parquet --videos videos/ --out vmme.jsonl\n"
+        "  refocus score vmme.jsonl --policy runs/policy --k 16 --out vmme/ --export jpeg\n"
+        "  refocus score videos/ qa.jsonl --policy runs/policy --out s/ --export webdataset",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".jsonl manifests with questions, plus video files or folders they "
+                        "refer to")
+    p.add_argument("--policy", required=True, type=Path, metavar="RUN",
+                   help="a refocus train --out folder (or its policy/ model folder)")
+    p.add_argument("--k", type=positive_int, default=32, help="frames per question")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--export", choices=("none", "jpeg", "webdataset"), default="none",
+                   help="also copy the chosen frames out: a JPEG folder per question, or "
+                        "WebDataset shards with one sample per question")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="encoder (default: the one the policy's training store was embedded "
+                        "with, as recorded there)")
+    p.add_argument("--pretrained", default=None, metavar="TAG|FILE", help="its weights")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="W",
+                   help="ingest worker processes")
+    p.add_argument("--embed-workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   metavar="W", help="DataLoader processes for embedding")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
+                   help="frames per encoder forward")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    p.set_defaults(run=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from pipelines.embed import EmbedSettings
+    from pipelines.score import ScoreSettings, score
+    from stores import importers
+
+    settings = ScoreSettings(
+        k=args.k, export=args.export, ingest_workers=args.workers,
+        embed=EmbedSettings(batch_size=args.batch_size, workers=args.embed_workers, index=None),
+        model=args.model, pretrained=args.pretrained, device=args.device)
+    manifest = importers.from_inputs(list(args.inputs))
+    with console.err.status("scoring …") as status:
+        summary = score(manifest, args.policy, args.out, settings,
+                        say=lambda line: status.update(line))
+    print_score_summary(summary)
+    return EXIT_FAILURES if summary["failures"] else EXIT_OK
+
+
+def print_score_summary(s: dict) -> None:
+    out = console.out
+    out.print(f"[bold]score[/] → {s['out']}", markup=True)
+    out.print(f"  policy     {s['policy']} (k = {s['k']})")
+    out.print(f"  questions  {s['questions']} scored over {s['videos']} videos")
+    out.print(f"  selections {s['selections']['jsonl']}, {s['selections']['parquet']}")
+    if s["frames_exported"]:
+        out.print(f"  exported   {s['frames_exported']} frames")
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items())
+    out.print(f"  time       {s['total_seconds']:.1f} s ({times})")
+    if s["failures"]:
+        out.print(f"  [red]failures {len(s['failures'])}[/]", markup=True)
+        console.list_failures(s["failures"], str(Path(s["out"]) / "failures.jsonl"))

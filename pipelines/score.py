@@ -1,0 +1,214 @@
+"""``refocus score``: a trained policy picks k frames per question of a new corpus.
+
+inputs (videos, folders, manifests with questions) → ingest into ``OUT/shards`` with the
+candidate settings the policy was trained on → embed with the policy's encoder into
+``OUT/features`` (both skip what is already done) → the policy decodes greedily, a batch of
+questions at a time → ``OUT/selections.{jsonl,parquet,json}`` (stores/selections.py), and on
+request the chosen frames themselves: a JPEG folder per question, or WebDataset shards with
+one sample per question. Questions whose video failed to land are reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.decode import DecodeSettings
+from pipelines.embed import EmbedSettings, embed
+from pipelines.encoder import load_encoder, load_encoder_of
+from pipelines.ingest import IngestSettings, ingest
+from pipelines.learn import load_corpus, load_policy, pick_device
+from refocus.selectors import Learned
+from stores import shards as shard_files
+from stores.errors import UserError
+from stores.features import FeatureStore
+from stores.ids import safe_component
+from stores.manifest import Manifest
+from stores.selections import FrameSelection, SelectionsMeta, write_selections
+from stores.shards import ShardSet
+
+EXPORTS = ("none", "jpeg", "webdataset")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    k: int = 32
+    export: str = "none"  # none | jpeg | webdataset
+    ingest_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    embed: EmbedSettings = field(default_factory=lambda: EmbedSettings(index=None))
+    model: str | None = None  # the encoder; default: the one the policy was trained with
+    pretrained: str | None = None
+    device: str | None = None
+    questions_per_batch: int = 64
+    export_shard_size: int = 256  # questions per WebDataset shard
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.export not in EXPORTS:
+            raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+
+
+@dataclass(frozen=True)
+class TrainedPolicy:
+    """A policy folder and the feature store it was trained on."""
+
+    path: Path
+    store: FeatureStore | None
+
+
+def find_policy(path: str | os.PathLike[str]) -> TrainedPolicy:
+    """A training run folder or a policy model folder, with its run's training store."""
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"{path}: no such policy (give a refocus train --out folder)")
+    for candidate in (folder, folder.parent):
+        run = candidate / "run.json"
+        if run.exists():
+            store = json.loads(run.read_text())["store"]
+            return TrainedPolicy(folder, FeatureStore(store) if Path(store).exists() else None)
+    return TrainedPolicy(folder, None)
+
+
+def _ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:
+    """Candidates as the policy saw them in training (fps, cap, size, JPEG quality)."""
+    trained = policy.store.ingest.get("settings", {}) if policy.store else {}
+    decode_fields = {k: trained[k] for k in ("fps", "max_frames", "size", "stream",
+                                             "max_decode_errors") if k in trained}
+    return IngestSettings(decode=DecodeSettings(**decode_fields),
+                          jpeg_quality=trained.get("jpeg_quality", 90),
+                          shard_size=trained.get("shard_size", 16), workers=workers)
+
+
+def _encoder(policy: TrainedPolicy, settings: ScoreSettings) -> Any:
+    if settings.model:
+        return load_encoder(settings.model, settings.pretrained, settings.device)
+    if policy.store is None:
+        raise UserError(f"{policy.path}: the training store this policy came from is not "
+                        "found (run.json); name its encoder with --model/--pretrained")
+    return load_encoder_of(policy.store.encoder, settings.device)
+
+
+def select(features: str | os.PathLike[str], manifest_paths: list[Path], policy_path: Path,
+           k: int, device: str | None = None, batch_size: int = 64,
+           sources: dict[str, str] | None = None) -> list[FrameSelection]:
+    """The policy's k picks for every question in the store, in time order."""
+    sources = sources or {}
+    corpus = load_corpus(features, [str(p) for p in manifest_paths], pick_device(device))
+    policy = load_policy(policy_path, corpus.device)
+    if policy.config.dim != corpus.frame_embedding.shape[1]:
+        raise UserError(f"{policy_path}: the policy expects {policy.config.dim}-d features, "
+                        f"the store has {corpus.frame_embedding.shape[1]}-d; embed with the "
+                        "policy's encoder")
+    questions = corpus.rows()
+    scored = Learned(policy, batch_size=batch_size).select_scored(corpus, questions, k)
+    rows = []
+    for q, (picks, probs) in zip(questions, scored, strict=True):
+        video = int(corpus.video[q])
+        start = int(corpus.offsets[video])
+        times = corpus.frame_time[start:start + int(corpus.n_frames[video])].tolist()
+        rows.append(FrameSelection(
+            qid=corpus.qids[q], video_id=corpus.video_ids[video], question=corpus.text[q],
+            options=corpus.options_text[q], k=k, frame_indices=[int(p) for p in picks],
+            timestamps=[float(times[p]) for p in picks],
+            probabilities=[round(float(p), 6) for p in probs],
+            source=sources.get(corpus.video_ids[video], "")))
+    return rows
+
+
+def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind: str,
+                  shard_size: int = 256) -> int:
+    """Copy the chosen JPEGs out of the frame shards (no re-encoding); returns frames."""
+    source = ShardSet(shards_dir)
+    lookup = source.lookup()
+    written = 0
+    by_video: dict[str, list[FrameSelection]] = {}
+    for row in rows:
+        by_video.setdefault(row.video_id, []).append(row)
+    frames_of: dict[str, list[bytes]] = {}
+    for video_id in by_video:
+        frames_of[video_id] = source.read(video_id, lookup[video_id]).frames
+    if kind == "jpeg":
+        for row in rows:
+            folder = out / safe_component(row.qid)
+            folder.mkdir(parents=True, exist_ok=True)
+            for rank, (i, t) in enumerate(zip(row.frame_indices, row.timestamps, strict=True)):
+                path = folder / f"{rank:03d}_{t:010.3f}s.jpg"
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(frames_of[row.video_id][i])
+                os.replace(tmp, path)
+                written += 1
+            shard_files.write_json_atomic(folder / "selection.json", row.__dict__)
+    elif kind == "webdataset":
+        out.mkdir(parents=True, exist_ok=True)
+        for index, start in enumerate(range(0, len(rows), shard_size)):
+            writer = shard_files.ShardWriter(out, index)
+            try:
+                for row in rows[start:start + shard_size]:
+                    jpegs = [frames_of[row.video_id][i] for i in row.frame_indices]
+                    writer.add(safe_component(row.qid), dict(row.__dict__), jpegs)
+                    written += len(jpegs)
+                writer.commit({"questions": len(writer.samples)})
+            except BaseException:
+                writer.abort()
+                raise
+    return written
+
+
+def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os.PathLike[str],
+          settings: ScoreSettings = ScoreSettings(),
+          say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Ingest, embed and select for ``manifest``'s questions; returns the summary."""
+    started = time.perf_counter()
+    root = Path(out)
+    shards_dir, features_dir = root / "shards", root / "features"
+    if not manifest.questions:
+        raise UserError("no questions to score: give a manifest with question rows "
+                        "(refocus import … converts benchmark annotation files)")
+    policy = find_policy(policy_path)
+    seconds: dict[str, float] = {}
+    tick = time.perf_counter()
+    say("ingest …")
+    ingested = ingest(manifest, shards_dir, _ingest_settings(policy, settings.ingest_workers))
+    seconds["ingest"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    say("embed …")
+    encoder = _encoder(policy, settings)
+    embedded = embed(shards_dir, features_dir, encoder, settings.embed,
+                     questions=manifest)
+    seconds["embed"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    say("select …")
+    rows = select(features_dir, [shards_dir / shard_files.MANIFEST_FILE], policy.path,
+                  settings.k, settings.device, settings.questions_per_batch,
+                  sources={v.id: v.path for v in manifest.videos})
+    meta = SelectionsMeta(policy=str(policy.path.resolve()), k=settings.k,
+                          shards=str(shards_dir.resolve()),
+                          features=str(features_dir.resolve()))
+    files = write_selections(root, rows, meta)
+    seconds["select"] = time.perf_counter() - tick
+    exported = 0
+    if settings.export != "none":
+        tick = time.perf_counter()
+        say(f"export {settings.export} …")
+        exported = export_frames(rows, shards_dir, root / f"frames-{settings.export}",
+                                 settings.export, settings.export_shard_size)
+        seconds["export"] = time.perf_counter() - tick
+    failures = [str(f) for f in ingested.failures] + list(embedded.failures)
+    summary = {
+        "out": str(root), "policy": meta.policy, "k": settings.k,
+        "videos": ingested.videos, "questions": len(rows), "frames_exported": exported,
+        "selections": {name: str(path) for name, path in files.items()},
+        "failures": failures,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "total_seconds": round(time.perf_counter() - started, 2),
+    }
+    shard_files.write_jsonl(root / "failures.jsonl", [{"error": f} for f in failures])
+    shard_files.write_json_atomic(root / "summary.json", summary)
+    return summary
+
