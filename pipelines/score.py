@@ -33,6 +33,7 @@ from stores.selections import FrameSelection, SelectionsMeta, write_selections
 from stores.shards import ShardSet
 
 EXPORTS = ("none", "jpeg", "webdataset")
+SHARDS, FEATURES = "shards", "features"  # under the output folder
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def find_policy(path: str | os.PathLike[str]) -> TrainedPolicy:
     return TrainedPolicy(folder, None)
 
 
-def _ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:
+def ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:
     """Candidates as the policy saw them in training (fps, cap, size, JPEG quality)."""
     trained = policy.store.ingest.get("settings", {}) if policy.store else {}
     decode_fields = {k: trained[k] for k in ("fps", "max_frames", "size", "stream",
@@ -85,7 +86,7 @@ def _ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:
                           shard_size=trained.get("shard_size", 16), workers=workers)
 
 
-def _encoder(policy: TrainedPolicy, settings: ScoreSettings) -> Any:
+def encoder_for(policy: TrainedPolicy, settings: ScoreSettings) -> Any:
     if settings.model:
         return load_encoder(settings.model, settings.pretrained, settings.device)
     if policy.store is None:
@@ -166,24 +167,36 @@ def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os
     """Ingest, embed and select for ``manifest``'s questions; returns the summary."""
     started = time.perf_counter()
     root = Path(out)
-    shards_dir, features_dir = root / "shards", root / "features"
-    if not manifest.questions:
-        raise UserError("no questions to score: give a manifest with question rows "
-                        "(refocus import … converts benchmark annotation files)")
+    check_questions(manifest)
     policy = find_policy(policy_path)
     seconds: dict[str, float] = {}
     tick = time.perf_counter()
     say("ingest …")
-    ingested = ingest(manifest, shards_dir, _ingest_settings(policy, settings.ingest_workers))
+    ingested = ingest(manifest, root / SHARDS, ingest_settings(policy, settings.ingest_workers))
     seconds["ingest"] = time.perf_counter() - tick
     tick = time.perf_counter()
     say("embed …")
-    encoder = _encoder(policy, settings)
-    embedded = embed(shards_dir, features_dir, encoder, settings.embed,
-                     questions=manifest)
+    embedded = embed(root / SHARDS, root / FEATURES, encoder_for(policy, settings),
+                     settings.embed, questions=manifest)
     seconds["embed"] = time.perf_counter() - tick
+    failures = [str(f) for f in ingested.failures] + list(embedded.failures)
+    return select_and_write(manifest, policy, root, settings, failures, seconds, started, say)
+
+
+def check_questions(manifest: Manifest) -> None:
+    if not manifest.questions:
+        raise UserError("no questions to score: give a manifest with question rows "
+                        "(refocus import … converts benchmark annotation files)")
+
+
+def select_and_write(manifest: Manifest, policy: TrainedPolicy, root: Path,
+                     settings: ScoreSettings, failures: list[str], seconds: dict[str, float],
+                     started: float, say: Callable[[str], None] = lambda line: None,
+                     ) -> dict[str, Any]:
+    """After ingest and embed: select, write the selections, export, write the summary."""
     tick = time.perf_counter()
     say("select …")
+    shards_dir, features_dir = root / SHARDS, root / FEATURES
     rows = select(features_dir, [shards_dir / shard_files.MANIFEST_FILE], policy.path,
                   settings.k, settings.device, settings.questions_per_batch,
                   sources={v.id: v.path for v in manifest.videos})
@@ -199,10 +212,10 @@ def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os
         exported = export_frames(rows, shards_dir, root / f"frames-{settings.export}",
                                  settings.export, settings.export_shard_size)
         seconds["export"] = time.perf_counter() - tick
-    failures = [str(f) for f in ingested.failures] + list(embedded.failures)
     summary = {
         "out": str(root), "policy": meta.policy, "k": settings.k,
-        "videos": ingested.videos, "questions": len(rows), "frames_exported": exported,
+        "videos": len({r.video_id for r in rows}), "questions": len(rows),
+        "frames_exported": exported,
         "selections": {name: str(path) for name, path in files.items()},
         "failures": failures,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -211,4 +224,3 @@ def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os
     shard_files.write_jsonl(root / "failures.jsonl", [{"error": f} for f in failures])
     shard_files.write_json_atomic(root / "summary.json", summary)
     return summary
-

@@ -1,0 +1,347 @@
+"""Prefect flows over the pipeline stages: what ``refocus flow …`` and ``refocus serve`` run.
+
+Each flow is the stage's own code from ``pipelines/`` with the per-shard step mapped over
+Prefect tasks; the stores' done markers say what is finished, so a re-run (or a retry)
+skips finished shards and a killed flow resumes where it stopped.
+
+    ingest_flow      plan + folder lock → ingest_shard mapped over the unfinished shards
+                     → summary and failures (a shard task that still fails after its
+                     retries is recorded; the other shards land)
+    embed_flow       plan + the one writer → embed_shard mapped over unfinished shards,
+                     each result written by the flow as it completes → questions, index
+    preprocess_flow  ingest_flow → embed_flow under one data root (ROOT/shards,
+                     ROOT/features): the flow to schedule
+    precompute_flow  the reference model's vision features per shard (GPU, one task)
+    train_flow       train the reader (when the reward is the reader) → train the policy
+    evaluate_flow    the policy against the baselines
+    score_flow       ingest_flow → embed_flow → select and write selections (+ export)
+
+Tasks take only picklable plain values, so the same flow runs on local threads or on a
+Dask cluster (``flows/runtime.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from flows.runtime import Orchestration, flow_record, retry_options, task_runner
+from pipelines.decode import DecodeSettings
+from pipelines.embed import (
+    EmbedPlan,
+    EmbedSettings,
+    ShardFeatures,
+    ShardPlan,
+    compute_shards,
+    embed_job,
+    finish_embed,
+)
+from pipelines.encoder import SYNTH_ENCODER, Encoder, load_encoder
+from pipelines.ingest import IngestSettings, finish_ingest, ingest_job, ingest_shard
+from stores import importers
+from stores.errors import UserError
+from stores.index import IndexSettings
+from stores.manifest import Manifest, Video, merge, read_manifest
+from stores.shards import MANIFEST_FILE, shard_name
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@task(name="ingest-shard", cache_policy=NO_CACHE, task_run_name="ingest {shard_index:06d}")
+def ingest_shard_task(shard_index: int, videos: list[Video], out: str,
+                      settings: IngestSettings) -> dict[str, Any]:
+    """One shard, one writer; returns its done marker (at once when it already has one)."""
+    return ingest_shard(shard_index, videos, Path(out), settings, lambda event: None)
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(model: str, pretrained: str | None, device: str | None) -> Encoder:
+    return load_encoder(model, pretrained, device)  # once per worker process
+
+
+@task(name="embed-shard", cache_policy=NO_CACHE, task_run_name="embed {shard.index:06d}")
+def embed_shard_task(shards_dir: str, embed_plan: EmbedPlan, shard: ShardPlan,
+                     model: str, pretrained: str | None,
+                     device: str | None) -> ShardFeatures:
+    """One input shard's features, computed in the task and written by the flow."""
+    encoder = _encoder(model, pretrained, device)
+    # Dask workers are daemonic and may not start DataLoader processes; the tasks are the
+    # parallelism here anyway.
+    result: list[ShardFeatures] = []
+    compute_shards(Path(shards_dir), embed_plan, [shard], encoder, 0, result.append)
+    return result[0]
+
+
+# ----------------------------------------------------------------------------- flows
+
+
+def _states(futures: list[Any], names: list[str]) -> tuple[list[Any], list[tuple[str, str]],
+                                                           dict[str, str]]:
+    """Results of finished tasks, (name, error) of failed ones, and every task's state."""
+    results, failed, states = [], [], {}
+    for name, future in zip(names, futures, strict=True):
+        value = future.result(raise_on_failure=False)
+        states[name] = future.state.name
+        if isinstance(value, BaseException):
+            failed.append((name, f"{type(value).__name__}: {value}".splitlines()[0]))
+        else:
+            results.append(value)
+    return results, failed, states
+
+
+@flow(name="refocus-ingest", validate_parameters=False)
+def ingest_flow(inputs: list[str], out: str, settings: IngestSettings | None = None,
+                retry_failed: bool = False,
+                orchestration: Orchestration | None = None) -> dict[str, Any]:
+    """Videos, folders or manifests → frame shards under ``out``."""
+    o = orchestration or Orchestration()
+    settings = settings or IngestSettings(workers=o.workers)
+    manifest = importers.from_inputs(list(inputs))
+    with flow_record(out, "ingest", {"inputs": list(inputs), "out": out,
+                                     "settings": settings.output_settings(),
+                                     "orchestration": o.as_dict()}) as record:
+        summary = _ingest(manifest, out, settings, retry_failed, o, record)
+        record.summary = summary
+    return summary
+
+
+def _ingest(manifest: Manifest, out: str, settings: IngestSettings, retry_failed: bool,
+            o: Orchestration, record: Any) -> dict[str, Any]:
+    log = get_run_logger()
+    with ingest_job(manifest, out, settings, retry_failed) as job:
+        log.info("ingest %s: %d shards to write, %d videos already done", out, len(job.todo),
+                 job.videos_done)
+        shard = ingest_shard_task.with_options(**retry_options(o))
+        futures = shard.map([i for i, _ in job.todo], [v for _, v in job.todo],
+                            unmapped(str(job.out)), unmapped(job.settings))
+        written, crashes, states = _states(list(futures),
+                                           [shard_name(i) for i, _ in job.todo])
+        record.tasks.update(states)
+        summary = finish_ingest(job, written, crashes).as_dict()
+    log.info("ingest %s: %d videos, %d frames, %d failures", out, summary["videos"],
+             summary["frames"], len(summary["failures"]))
+    return summary
+
+
+@flow(name="refocus-embed", validate_parameters=False)
+def embed_flow(shards: str, out: str, model: str = SYNTH_ENCODER, pretrained: str | None = None,
+               questions: list[str] | None = None, settings: EmbedSettings | None = None,
+               device: str | None = None,
+               orchestration: Orchestration | None = None) -> dict[str, Any]:
+    """Frame shards (+ questions) → the feature store and its FAISS index under ``out``."""
+    o = orchestration or Orchestration()
+    settings = settings or EmbedSettings()
+    with flow_record(out, "embed", {"shards": shards, "out": out, "model": model,
+                                    "pretrained": pretrained, "questions": questions,
+                                    "orchestration": o.as_dict()}) as record:
+        summary = _embed(shards, out, model, pretrained, questions, settings, device, o, record)
+        record.summary = summary
+    return summary
+
+
+def _embed(shards: str, out: str, model: str, pretrained: str | None,
+           questions: list[str] | None, settings: EmbedSettings, device: str | None,
+           o: Orchestration, record: Any) -> dict[str, Any]:
+    log = get_run_logger()
+    encoder = _encoder(model, pretrained, device)
+    paths = [Path(p) for p in questions] if questions else [Path(shards) / MANIFEST_FILE]
+    manifest = merge([read_manifest(p) for p in paths if p.exists()]) if paths else None
+    started = time.perf_counter()
+    with embed_job(shards, out, encoder.identity, settings.batch_size) as job:
+        log.info("embed %s: %d of %d input shards to do", out, len(job.todo),
+                 len(job.plan.shards))
+        shard = embed_shard_task.with_options(**retry_options(o))
+        futures = list(shard.map(unmapped(str(job.shards_dir)), unmapped(job.plan), job.todo,
+                                 unmapped(model), unmapped(pretrained), unmapped(device)))
+        written = []
+        for future in as_completed(futures):  # one writer: this flow, as results come in
+            features = future.result(raise_on_failure=False)
+            if isinstance(features, ShardFeatures):  # else the task failed: recorded below
+                job.write(features)
+                written.append(features.plan)
+        _, _, record.tasks = _states(futures, [shard_name(s.index) for s in job.todo])
+        timings = {"tasks": time.perf_counter() - started}
+        summary = finish_embed(job, encoder, settings, manifest, written, timings).as_dict()
+    log.info("embed %s: %d frames, %d questions", out, summary["frames"], summary["questions"])
+    return summary
+
+
+@flow(name="refocus-preprocess", validate_parameters=False)
+def preprocess_flow(inputs: list[str], root: str, fps: float = 4.0, max_frames: int = 512,
+                    size: int = 384, shard_size: int = 16, model: str = SYNTH_ENCODER,
+                    pretrained: str | None = None, batch_size: int = 64, index: bool = True,
+                    retries: int = 3) -> dict[str, Any]:
+    """The flow to schedule: the videos under ``inputs`` → ROOT/shards → ROOT/features.
+    Each run finishes what earlier runs left (finished shards are skipped); the plan is fixed
+    by the first run, so a grown corpus goes to a new ROOT. Plain parameters only, so a
+    deployment can carry them; the task runner comes from ``with_runner``."""
+    o = Orchestration(retries=retries)
+    settings = IngestSettings(decode=DecodeSettings(fps=fps or None, max_frames=max_frames or None,
+                                                    size=size or None), shard_size=shard_size)
+    embed_settings = EmbedSettings(batch_size=batch_size, index=IndexSettings() if index else None)
+    manifest = importers.from_inputs(list(inputs))
+    shards, features = str(Path(root) / "shards"), str(Path(root) / "features")
+    with flow_record(root, "preprocess", {"inputs": list(inputs), "root": root, "fps": fps,
+                                          "max_frames": max_frames, "size": size,
+                                          "model": model}) as record:
+        record.summary = {
+            "ingest": _ingest(manifest, shards, settings, False, o, record),
+            "embed": _embed(shards, features, model, pretrained, None, embed_settings, None, o,
+                            record)}
+    return record.summary
+
+
+def with_runner(flow_obj: Any, o: Orchestration) -> Any:
+    """The flow with its mapped tasks on ``o``'s runner (local threads or Dask)."""
+    return flow_obj.with_options(task_runner=task_runner(o))
+
+
+@task(name="precompute-reference", cache_policy=NO_CACHE)
+def _precompute_task(shards: str, out: str, model: str, device: str | None,
+                     frames_per_pass: int) -> dict[str, Any]:
+    from pipelines.reference import PrecomputeSettings, precompute_reference
+    from refocus.lmm import LMMScorer
+
+    scorer = LMMScorer.load(model, device=device)
+    return precompute_reference(shards, out, scorer, PrecomputeSettings(frames_per_pass))
+
+
+@flow(name="refocus-precompute-reference", validate_parameters=False)
+def precompute_flow(shards: str, out: str, model: str, device: str | None = None,
+                    frames_per_pass: int = 32, retries: int = 1) -> dict[str, Any]:
+    """The reference model's vision features of every shard (resumes by shard)."""
+    with flow_record(out, "precompute-reference", {"shards": shards, "model": model}) as record:
+        o = Orchestration(retries=retries)
+        record.summary = _precompute_task.with_options(**retry_options(o))(
+            shards, out, model, device, frames_per_pass)
+    return record.summary
+
+
+@task(name="train-reader", cache_policy=NO_CACHE)
+def _train_reader_task(store: str, out: str, settings: Any) -> dict[str, Any]:
+    from pipelines.learn import train_reader_stage
+
+    return train_reader_stage(store, None, out, settings)
+
+
+@task(name="train-policy", cache_policy=NO_CACHE)
+def _train_policy_task(store: str, reward: str, out: str, settings: Any,
+                       run: Any) -> dict[str, Any]:
+    from pipelines.learn import train_policy_stage
+
+    return train_policy_stage(store, None, reward, out, settings, run)
+
+
+@flow(name="refocus-train", validate_parameters=False)
+def train_flow(store: str, out: str, reward: str = "reader", grpo: Any = None,
+               reader: Any = None, run: Any = None, retries: int = 1) -> dict[str, Any]:
+    """From cached features: the reader reference (when ``reward`` is ``reader``, into
+    OUT/reader) then the policy (OUT/policy). Both resume from their checkpoints."""
+    from pipelines.learn import RunSettings
+    from refocus.settings import GRPOSettings, ReaderTrainSettings
+
+    o = Orchestration(retries=retries)
+    with flow_record(out, "train", {"store": store, "reward": reward}) as record:
+        summary: dict[str, Any] = {}
+        if reward == "reader":
+            reader_dir = str(Path(out) / "reader")
+            summary["reader"] = _train_reader_task.with_options(**retry_options(o))(
+                store, reader_dir, reader or ReaderTrainSettings())
+            reward = f"reader:{reader_dir}"
+        summary["policy"] = _train_policy_task.with_options(**retry_options(o))(
+            store, reward, str(Path(out) / "policy"), grpo or GRPOSettings(),
+            run or RunSettings())
+        record.summary = summary
+    return summary
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def _evaluate_task(store: str, split: str, ks: list[int], reward: str, policies: list[str],
+                   out: str) -> list[dict[str, Any]]:
+    from dataclasses import asdict
+
+    from pipelines.learn import evaluate_stage
+
+    return [asdict(r) for r in evaluate_stage(store, None, split, ks, reward, policies,
+                                              out=out)]
+
+
+@flow(name="refocus-evaluate", validate_parameters=False)
+def evaluate_flow(store: str, reward: str, policies: list[str], out: str, split: str = "test",
+                  ks: list[int] | None = None) -> list[dict[str, Any]]:
+    """The policies against the baselines: eval.md, eval.csv and eval.png under ``out``."""
+    with flow_record(out, "evaluate", {"store": store, "reward": reward,
+                                       "policies": policies, "split": split}) as record:
+        rows = _evaluate_task(store, split, list(ks or (4, 8, 16)), reward, list(policies), out)
+        record.summary = {"rows": len(rows)}
+    return rows
+
+
+@task(name="select-and-write", cache_policy=NO_CACHE)
+def _select_task(manifest: Manifest, policy_path: str, root: str, settings: Any,
+                 failures: list[str], seconds: dict[str, float],
+                 started: float) -> dict[str, Any]:
+    from pipelines.score import find_policy, select_and_write
+
+    return select_and_write(manifest, find_policy(policy_path), Path(root), settings, failures,
+                            seconds, started)
+
+
+@flow(name="refocus-score", validate_parameters=False)
+def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
+               orchestration: Orchestration | None = None) -> dict[str, Any]:
+    """A new corpus → shards and features under ``out`` (mapped over shards, skipping what is
+    done) → the policy's selections (+ exported frames)."""
+    from pipelines.score import (
+        FEATURES,
+        SHARDS,
+        ScoreSettings,
+        check_questions,
+        find_policy,
+        ingest_settings,
+    )
+
+    o = orchestration or Orchestration()
+    settings = settings or ScoreSettings()
+    started = time.perf_counter()
+    manifest = importers.from_inputs(list(inputs))
+    check_questions(manifest)
+    trained = find_policy(policy)
+    root = Path(out)
+    with flow_record(out, "score", {"inputs": list(inputs), "policy": policy, "k": settings.k,
+                                    "export": settings.export,
+                                    "orchestration": o.as_dict()}) as record:
+        tick = time.perf_counter()
+        ingested = _ingest(manifest, str(root / SHARDS),
+                           ingest_settings(trained, o.workers), False, o, record)
+        seconds = {"ingest": time.perf_counter() - tick}
+        tick = time.perf_counter()
+        model, pretrained = _policy_encoder(trained, settings)
+        embedded = _embed(str(root / SHARDS), str(root / FEATURES), model, pretrained,
+                          [str(root / SHARDS / MANIFEST_FILE)],
+                          EmbedSettings(batch_size=settings.embed.batch_size, index=None),
+                          settings.device, o, record)
+        seconds["embed"] = time.perf_counter() - tick
+        failures = [f"{f['where']}: {f['error']}" for f in ingested["failures"]]  # as str(Failure)
+        failures += embedded["failures"]
+        summary = _select_task(manifest, policy, out, settings, failures, seconds, started)
+        record.summary = summary
+    return summary
+
+
+def _policy_encoder(trained: Any, settings: Any) -> tuple[str, str | None]:
+    """(model, pretrained) for load_encoder: the options given, else the training store's."""
+    if settings.model:
+        return settings.model, settings.pretrained
+    if trained.store is None:
+        raise UserError(f"{trained.path}: the training store this policy came from is not "
+                        "found (run.json); name its encoder with --model/--pretrained")
+    model = str(trained.store.encoder["model"])
+    bundle = model.startswith(("hf-hub:", "local-dir:"))
+    return model, None if bundle else trained.store.encoder.get("pretrained")
