@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prefect: a private home for the test session, and time for its temporary server to start
+# (11-19 s on a small machine, near the 20 s default).
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="refocus-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -207,3 +212,14 @@ def synth_store(tmp_path_factory) -> Path:
           EmbedSettings(workers=1, index=None),
           questions=read_manifest(root / "shards" / "manifest.jsonl"))
     return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """One Prefect test server for the whole session (it takes seconds to start); returns
+    its API URL, which subprocesses can be pointed at."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()

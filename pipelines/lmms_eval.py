@@ -1,0 +1,368 @@
+"""Hand ``refocus score``'s selected frames to lmms-eval, in place of its uniform sampling.
+
+lmms-eval (https://github.com/EvolvingLMMs-Lab/lmms-eval) asks each task's ``doc_to_visual``
+for a document's visuals. Its stock video tasks return the video's path, and the model then
+samples frames uniformly. The hooks here return the frames refocus chose instead, as a list of
+RGB PIL images in time order; lmms-eval passes PIL images on to every image-capable model
+(the "simple" models as ``visuals``, the chat models as one ``{"type": "image"}`` item each),
+so the model sees exactly the selected frames and nothing else.
+
+Everything needed is in the ``refocus score`` output folder: ``selections.jsonl`` (or
+``.parquet``) says which frames each question gets, ``selections.json`` names the ingest folder
+whose shards hold them (``stores/selections.py``). Nothing here needs lmms-eval, torch or PyAV:
+reading is JSON, a byte range of a tar file and a JPEG decode.
+
+A document is matched to its selection by its question id (a configurable field:
+``question_id`` for Video-MME, ``id`` for LongVideoBench), and, when that is missing or
+unknown, by (video, question text): the video field's value (``videoID``, ``video_id``,
+``video_name``...) becomes a refocus video id the way the importers make them, and the
+question must equal the selection's question up to spacing and case, or contain it (MLVU's
+lmms-eval documents carry the options inside the question). Several selections that match
+are told apart by their options; a document that matches none is a one-line
+:class:`UserError` naming the question and the folder, never a silent uniform fallback.
+
+Use from an lmms-eval task's ``utils.py`` (see ``examples/lmms_eval``)::
+
+    from pipelines.lmms_eval import make_doc_to_visual
+    videomme_refocus_doc_to_visual = make_doc_to_visual(id_field="question_id")
+
+with ``REFOCUS_SELECTIONS=/path/to/score/output`` in the environment.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from stores.errors import UserError
+from stores.ids import safe_component
+from stores.importers.videomme import strip_letters
+from stores.selections import FrameSelection, read_meta, read_selections
+from stores.shards import Sample, SampleLocation, ShardSet
+
+SELECTIONS_ENV = "REFOCUS_SELECTIONS"
+SHARDS_ENV = "REFOCUS_SHARDS"  # optional: where the shards are now, if they moved
+DEFAULT_VIDEO_FIELDS = ("videoID", "video_id", "video_name", "video", "video_path")
+DEFAULT_QUESTION_FIELDS = ("question",)
+DEFAULT_OPTION_FIELDS = ("options", "candidates")
+_VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg"}
+
+
+@dataclass(frozen=True)
+class SelectedImages:
+    """One question's selected frames, decoded: RGB images and their times, in time order."""
+
+    qid: str
+    video_id: str
+    images: list[Image.Image]
+    timestamps: list[float]  # seconds in the source video, ascending
+    frame_indices: list[int]  # positions in the video's shard sample
+
+
+def _norm_text(text: Any) -> str:
+    return " ".join(str(text).split()).casefold()
+
+
+def _norm_options(options: Any) -> tuple[str, ...] | None:
+    if not isinstance(options, (list, tuple)) or not options:
+        return None
+    return tuple(_norm_text(o) for o in strip_letters([str(o) for o in options]))
+
+
+def uniform_indices(n: int, k: int) -> list[int]:
+    """``k`` positions evenly spaced over ``n`` frames, first and last included, as lmms-eval
+    samples videos (``np.linspace(0, n - 1, k, dtype=int)``); all ``n`` when ``k >= n``."""
+    if k <= 0 or n <= 0:
+        return []
+    if k >= n:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    step = (n - 1) / (k - 1)  # the same float arithmetic as numpy's linspace
+    return [int(i * step) for i in range(k - 1)] + [n - 1]
+
+
+def video_id_candidates(value: Any) -> list[str]:
+    """The refocus video ids a document's video field may stand for: the value itself, as
+    the importers make ids from it (``safe_component``), and without a folder or extension
+    (MLVU's ``video_name`` is a file name)."""
+    text = str(value).strip()
+    out = [text, safe_component(text)]
+    path = Path(text.replace("\\", "/"))
+    if path.suffix.lower() in _VIDEO_SUFFIXES:
+        out += [safe_component(path.stem), safe_component(str(path.with_suffix("")))]
+    seen: list[str] = []
+    for candidate in out:
+        if candidate and candidate not in seen:
+            seen.append(candidate)
+    return seen
+
+
+class SelectedFrames:
+    """Read access to a ``refocus score`` output folder: selections by question, frames decoded.
+
+    ``shards`` overrides the ingest folder that ``selections.json`` names (also settable with
+    ``REFOCUS_SHARDS``). The named folder is tried as given, then relative to the selections
+    folder, then as a folder of the same name inside it (a score folder moved whole).
+    The shard set is opened once, and each video's sample is read once and kept in a small
+    LRU (``cache_videos`` samples), so questions about the same video read its shard once.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, shards: str | os.PathLike[str] | None
+                 = None, cache_videos: int = 16) -> None:
+        self.folder = Path(folder)
+        if not self.folder.exists():
+            raise UserError(f"{self.folder}: no such folder (expected a refocus score output "
+                            f"folder; set {SELECTIONS_ENV})")
+        rows = read_selections(self.folder)
+        self._shards_override = shards if shards is not None else os.environ.get(SHARDS_ENV)
+        self._by_qid: dict[str, FrameSelection] = {}
+        self._by_video: dict[str, list[FrameSelection]] = {}
+        for row in rows:
+            self._by_qid[row.qid] = row
+            self._by_video.setdefault(row.video_id, []).append(row)
+        self._shard_set: ShardSet | None = None
+        self._locations: dict[str, SampleLocation] = {}
+        self._samples: OrderedDict[str, Sample] = OrderedDict()
+        self._cache_videos = max(1, cache_videos)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._by_qid)
+
+    def __contains__(self, qid: object) -> bool:
+        return qid in self._by_qid
+
+    # -- finding a question's selection ------------------------------------------------------
+
+    def selection(self, qid: str) -> FrameSelection:
+        """The selection of ``qid``; a :class:`UserError` naming it and the folder if none."""
+        row = self._by_qid.get(str(qid))
+        if row is None:
+            raise UserError(f"question {qid!r} has no selection in {self.folder} (score it with "
+                            "refocus score, or check which document field holds the question id)")
+        return row
+
+    def find(self, video: Any, question: Any, options: Any = None) -> FrameSelection | None:
+        """The selection for ``question`` about ``video`` (a document's video field), or None.
+
+        The question matches when it equals a selection's question up to spacing and case,
+        or else contains it; several matches are told apart by ``options``."""
+        rows: list[FrameSelection] = []
+        for vid in video_id_candidates(video):
+            rows = self._by_video.get(vid, [])
+            if rows:
+                break
+        if not rows:
+            return None
+        wanted = _norm_text(question)
+        matches = [r for r in rows if _norm_text(r.question) == wanted]
+        if not matches:
+            matches = [r for r in rows if r.question.strip() and _norm_text(r.question) in wanted]
+        if len(matches) > 1:
+            opts = _norm_options(options)
+            if opts is not None:
+                by_options = [r for r in matches if _norm_options(r.options) == opts]
+                matches = by_options or matches
+        if len(matches) > 1 and len({tuple(r.frame_indices) for r in matches}) > 1:
+            qids = ", ".join(sorted(r.qid for r in matches)[:5])
+            raise UserError(f"question {str(question)[:60]!r} about video {str(video)!r} matches "
+                            f"several selections in {self.folder} ({qids}); match by question id")
+        return matches[0] if matches else None
+
+    def for_doc(self, doc: Mapping[str, Any], *, id_field: str | None = "question_id",
+                video_fields: Sequence[str] = DEFAULT_VIDEO_FIELDS,
+                question_fields: Sequence[str] = DEFAULT_QUESTION_FIELDS,
+                option_fields: Sequence[str] = DEFAULT_OPTION_FIELDS) -> FrameSelection:
+        """The selection for an lmms-eval document: by ``doc[id_field]``, else by its video and
+        question. A :class:`UserError` naming the question and the folder when neither works."""
+        qid = doc.get(id_field) if id_field else None
+        if qid is not None and str(qid) in self._by_qid:
+            return self._by_qid[str(qid)]
+        video = next((doc[f] for f in video_fields if doc.get(f) not in (None, "")), None)
+        question = next((doc[f] for f in question_fields if doc.get(f) not in (None, "")), None)
+        options = next((doc[f] for f in option_fields if doc.get(f) is not None), None)
+        if video is not None and question is not None:
+            row = self.find(video, question, options)
+            if row is not None:
+                return row
+        if qid is not None:
+            what = f"question {str(qid)!r}"
+        elif video is not None:
+            what = f"question {str(question)[:60]!r} about video {str(video)!r}"
+        else:
+            what = f"document without {id_field!r} or a video field ({', '.join(video_fields)})"
+        raise UserError(f"{what} has no selection in {self.folder} (score it with refocus "
+                        "score, or check which document field holds the question id)")
+
+    def has_doc(self, doc: Mapping[str, Any], **fields: Any) -> bool:
+        """Whether :meth:`for_doc` finds a selection for ``doc`` (for filtering a benchmark
+        down to the questions that were scored)."""
+        try:
+            self.for_doc(doc, **fields)
+        except UserError:
+            return False
+        return True
+
+    # -- reading frames ------------------------------------------------------------------------
+
+    @property
+    def shards(self) -> ShardSet:
+        """The ingest folder's shard set, opened on first use."""
+        with self._lock:
+            if self._shard_set is None:
+                self._shard_set = self._open_shards()
+                self._locations = self._shard_set.lookup()
+            return self._shard_set
+
+    def _open_shards(self) -> ShardSet:
+        if self._shards_override:
+            named = Path(self._shards_override)
+        else:
+            named = Path(read_meta(self.folder).shards)
+        # as named; relative to the selections; or, for a score folder that was moved or
+        # copied whole, the folder of that name inside it (refocus score writes OUT/shards)
+        candidates = [named] if named.is_absolute() else [named, self.folder / named]
+        if not self._shards_override:
+            candidates.append(self.folder / named.name)
+        for candidate in candidates:
+            if candidate.is_dir():
+                return ShardSet(candidate)
+        raise UserError(f"{self.folder}: the frame shards {str(named)!r} are not there (move "
+                        f"them back, or set {SHARDS_ENV} to the ingest folder)")
+
+    def sample(self, video_id: str) -> Sample:
+        """A video's shard sample (metadata and JPEG frames), read once and kept in the LRU."""
+        shard_set = self.shards
+        with self._lock:
+            sample = self._samples.get(video_id)
+            if sample is not None:
+                self._samples.move_to_end(video_id)
+                return sample
+        location = self._locations.get(video_id)
+        if location is None:
+            raise UserError(f"video {video_id!r} is not in the shards at {shard_set.directory} "
+                            f"(the selections in {self.folder} were scored on other shards?)")
+        sample = shard_set.read(video_id, location)
+        with self._lock:
+            self._samples[video_id] = sample
+            self._samples.move_to_end(video_id)
+            while len(self._samples) > self._cache_videos:
+                self._samples.popitem(last=False)
+        return sample
+
+    def images(self, row: FrameSelection, *, uniform: bool = False) -> SelectedImages:
+        """Decode a selection's frames from its video's shard sample (RGB, time order).
+
+        ``uniform=True`` gives the baseline instead: as many frames as were selected, evenly
+        spaced over the same candidates (lmms-eval's ``np.linspace(0, n - 1, k, dtype=int)``),
+        so that a comparison changes nothing but which frames the model sees."""
+        sample = self.sample(row.video_id)
+        jpegs = sample.frames
+        indices, times = list(row.frame_indices), list(row.timestamps)
+        if uniform:
+            indices = uniform_indices(len(jpegs), len(indices))
+            times = [float(sample.meta["timestamps"][i]) for i in indices]
+        images = []
+        for index in indices:
+            if not 0 <= index < len(jpegs):
+                raise UserError(f"question {row.qid!r}: frame {index} is not in video "
+                                f"{row.video_id!r}'s sample ({len(jpegs)} frames) in "
+                                f"{self.shards.directory}")
+            with Image.open(io.BytesIO(jpegs[index])) as image:
+                images.append(image.convert("RGB"))
+        return SelectedImages(row.qid, row.video_id, images, times, indices)
+
+    def frames(self, qid: str) -> SelectedImages:
+        """The selected frames of question ``qid``."""
+        return self.images(self.selection(qid))
+
+    def frames_for_doc(self, doc: Mapping[str, Any], **fields: Any) -> SelectedImages:
+        """The selected frames for an lmms-eval document (see :meth:`for_doc`)."""
+        return self.images(self.for_doc(doc, **fields))
+
+
+# -- lmms-eval hooks ---------------------------------------------------------------------------
+
+_READERS: dict[tuple[str, str | None], SelectedFrames] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def reader_for(folder: str | os.PathLike[str] | None = None) -> SelectedFrames:
+    """The process-wide :class:`SelectedFrames` of ``folder`` (default: ``$REFOCUS_SELECTIONS``).
+
+    lmms-eval executes a task's ``utils.py`` afresh for every ``!function`` it resolves, so
+    readers live here, in an ordinary module, and are shared by all of them."""
+    if folder is None:
+        folder = os.environ.get(SELECTIONS_ENV)
+        if not folder:
+            raise UserError(f"{SELECTIONS_ENV} is not set: point it at a refocus score output "
+                            "folder (the one holding selections.jsonl)")
+    key = (str(Path(folder).resolve()), os.environ.get(SHARDS_ENV))
+    with _READERS_LOCK:
+        reader = _READERS.get(key)
+        if reader is None:
+            reader = _READERS[key] = SelectedFrames(folder)
+        return reader
+
+
+def make_doc_to_visual(
+    folder: str | os.PathLike[str] | None = None, *, id_field: str | None = "question_id",
+    video_fields: Sequence[str] = DEFAULT_VIDEO_FIELDS,
+    question_fields: Sequence[str] = DEFAULT_QUESTION_FIELDS,
+    option_fields: Sequence[str] = DEFAULT_OPTION_FIELDS, frames: str = "selected",
+) -> Callable[[Mapping[str, Any]], list[Image.Image]]:
+    """An lmms-eval ``doc_to_visual``: document → its selected frames as RGB PIL images.
+
+    The selections folder is ``folder`` or, when None, ``$REFOCUS_SELECTIONS`` read at the
+    first call (so a task file can be loaded before the variable is set); ``id_field`` names
+    the document's question id field, the other fields the fallback by video and question.
+    ``frames="uniform"`` makes the baseline hook: as many frames, evenly spaced over the same
+    candidates, through the same path to the model.
+    """
+    if frames not in ("selected", "uniform"):
+        raise ValueError(f"frames must be 'selected' or 'uniform', got {frames!r}")
+    fields = {"id_field": id_field, "video_fields": tuple(video_fields),
+              "question_fields": tuple(question_fields), "option_fields": tuple(option_fields)}
+    uniform = frames == "uniform"
+
+    def doc_to_visual(doc: Mapping[str, Any]) -> list[Image.Image]:
+        reader = reader_for(folder)
+        return reader.images(reader.for_doc(doc, **fields), uniform=uniform).images
+
+    doc_to_visual.__doc__ = (f"refocus's {frames} frames for a document (question id field "
+                             f"{id_field!r}; selections from {folder or '$' + SELECTIONS_ENV}).")
+    return doc_to_visual
+
+
+def make_doc_to_timestamps(
+    folder: str | os.PathLike[str] | None = None, *, id_field: str | None = "question_id",
+    video_fields: Sequence[str] = DEFAULT_VIDEO_FIELDS,
+    question_fields: Sequence[str] = DEFAULT_QUESTION_FIELDS,
+    option_fields: Sequence[str] = DEFAULT_OPTION_FIELDS,
+) -> Callable[[Mapping[str, Any]], list[float]]:
+    """Like :func:`make_doc_to_visual`, for the frames' times in seconds (for prompts that
+    tell the model when each frame was taken)."""
+    fields = {"id_field": id_field, "video_fields": tuple(video_fields),
+              "question_fields": tuple(question_fields), "option_fields": tuple(option_fields)}
+
+    def doc_to_timestamps(doc: Mapping[str, Any]) -> list[float]:
+        return list(reader_for(folder).for_doc(doc, **fields).timestamps)
+
+    return doc_to_timestamps
+
+
+def timestamps_line(timestamps: Sequence[float]) -> str:
+    """``"The 3 frames were taken at 1.0s, 4.5s, 9.0s of the video."``"""
+    times = ", ".join(f"{t:.1f}s" for t in timestamps)
+    n = len(timestamps)
+    return f"The {n} frame{'s' if n != 1 else ''} {'were' if n != 1 else 'was'} taken at " \
+           f"{times} of the video."

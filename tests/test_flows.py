@@ -1,0 +1,191 @@
+"""Prefect flows end to end on a tiny synthetic corpus, under one Prefect test server: the
+flows write exactly what the plain stages write, on local threads and on a 2-worker Dask
+cluster; a killed flow resumes without redoing finished shards; transient task errors are
+retried and bad input is not; refocus serve registers a cron deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import kill_parent_and_wait_for_workers
+
+from flows import orchestrate
+from flows.cli import main
+from flows.orchestrate import preprocess_flow, with_runner
+from flows.runtime import Orchestration, is_transient
+from pipelines.embed import EmbedSettings, embed
+from pipelines.encoder import SYNTH_ENCODER, load_encoder
+from pipelines.ingest import IngestSettings, ingest
+from pipelines.synth import SynthSettings, generate
+from stores.errors import UserError
+from stores.manifest import read_manifest
+
+VIDEOS = 8
+SHARD_SIZE = 1  # a shard per video: many tasks, and room to kill a run between them
+ARRAYS = ["frames/embedding", "frames/time", "frames/video", "videos/offsets",
+          "videos/duration", "questions/embedding", "questions/answer", "options/embedding"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("flow-corpus")
+    generate(out, SynthSettings(videos=VIDEOS, seed=5, duration=(16.0, 18.0), workers=2))
+    return out / "manifest.jsonl"
+
+
+@pytest.fixture(scope="module")
+def plain(corpus, tmp_path_factory) -> Path:
+    """The oracle: the plain stages, no Prefect."""
+    root = tmp_path_factory.mktemp("plain")
+    ingest(read_manifest(corpus), root / "shards", IngestSettings(shard_size=SHARD_SIZE,
+                                                                  workers=1))
+    embed(root / "shards", root / "features", load_encoder(SYNTH_ENCODER),
+          EmbedSettings(workers=0), questions=read_manifest(root / "shards" / "manifest.jsonl"))
+    return root
+
+
+def _flow(corpus: Path, root: Path, o: Orchestration = Orchestration(workers=2)) -> dict:
+    return with_runner(preprocess_flow, o)([str(corpus)], str(root), shard_size=SHARD_SIZE,
+                                           retries=o.retries)
+
+
+@pytest.fixture(scope="module")
+def local(prefect_api, corpus, tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("local")
+    return root, _flow(corpus, root)
+
+
+def assert_same_stores(a: Path, b: Path) -> None:
+    shards_a = sorted(p.name for p in (a / "shards").glob("shard-*.tar"))
+    assert shards_a == sorted(p.name for p in (b / "shards").glob("shard-*.tar"))
+    assert len(shards_a) == VIDEOS
+    for name in shards_a:
+        assert (a / "shards" / name).read_bytes() == (b / "shards" / name).read_bytes(), name
+    za = zarr.open_group(a / "features" / "features.zarr", mode="r")
+    zb = zarr.open_group(b / "features" / "features.zarr", mode="r")
+    for key in ARRAYS:
+        np.testing.assert_array_equal(za[key][:], zb[key][:], err_msg=key)
+    assert list(za["questions/qid"][:]) == list(zb["questions/qid"][:])
+
+
+def test_preprocess_flow_writes_what_the_plain_stages_write(local, plain):
+    root, summary = local
+    assert_same_stores(root, plain)
+    assert summary["ingest"]["videos"] == VIDEOS and not summary["ingest"]["failures"]
+    assert summary["embed"]["shards_written"] == VIDEOS
+    assert summary["embed"]["index"]["frames"] == summary["embed"]["frames"]
+    # the run record and the log live under the data root
+    [record] = [json.loads(p.read_text()) for p in (root / "flow-runs").glob("*-preprocess.json")]
+    assert record["status"] == "completed" and record["flow_run_id"]
+    assert record["tasks"] == {f"shard-{i:06d}.tar": "Completed" for i in range(VIDEOS)}
+    log = (root / "logs" / "preprocess.log").read_text()
+    assert "ingest 000007" in log and "embed 000007" in log
+
+
+def test_rerun_skips_every_finished_shard(prefect_api, local, corpus):
+    root, _ = local
+    again = _flow(corpus, root)
+    assert again["ingest"]["shards_written"] == 0
+    assert again["ingest"]["shards_skipped"] == VIDEOS
+    assert again["embed"]["shards_written"] == 0
+
+
+def test_dask_runner_with_two_workers_gives_the_same_stores(prefect_api, local, corpus,
+                                                            tmp_path):
+    summary = _flow(corpus, tmp_path, Orchestration(runner="dask", workers=2))
+    assert summary["embed"]["shards_written"] == VIDEOS
+    assert_same_stores(tmp_path, local[0])
+
+
+def test_a_killed_flow_resumes_without_redoing_finished_shards(prefect_api, corpus, plain,
+                                                               tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    cmd = [sys.executable, "-m", "flows.cli", "flow", "preprocess", str(corpus), "--root",
+           str(tmp_path), "--shard-size", str(SHARD_SIZE), "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = tmp_path / "shards" / "shard-000000.done.json"
+    deadline = time.monotonic() + 120
+    while not first.exists():
+        assert proc.poll() is None, "the flow ended before it could be killed"
+        assert time.monotonic() < deadline, "no shard finished in time"
+        time.sleep(0.005)
+    kill_parent_and_wait_for_workers(proc)
+    done = sorted((tmp_path / "shards").glob("shard-*.done.json"))
+    assert 1 <= len(done) < VIDEOS, "kill landed after the ingest finished"
+    stamps = {p.name: p.stat().st_mtime_ns for p in done}
+    tars = {p.name: (tmp_path / "shards" / p.name.replace(".done.json", ".tar")).stat()
+            .st_mtime_ns for p in done}
+    summary = _flow(corpus, tmp_path, Orchestration(workers=1))
+    assert summary["ingest"]["shards_skipped"] == len(done)
+    assert summary["ingest"]["shards_written"] == VIDEOS - len(done)
+    for name, stamp in stamps.items():  # finished shards were not written again
+        assert (tmp_path / "shards" / name).stat().st_mtime_ns == stamp
+        tar = name.replace(".done.json", ".tar")
+        assert (tmp_path / "shards" / tar).stat().st_mtime_ns == tars[name]
+    assert_same_stores(tmp_path, plain)
+
+
+def test_transient_errors_are_retried_and_bad_input_is_not(prefect_api, corpus, plain,
+                                                           tmp_path, monkeypatch):
+    calls: dict[int, int] = {}
+    real = orchestrate.ingest_shard
+
+    def flaky(index, videos, out, settings, report):
+        calls[index] = calls.get(index, 0) + 1
+        if index == 1 and calls[index] == 1:
+            raise OSError("disk hiccup")  # transient: retried, then lands
+        if index == 2:
+            raise UserError("shard 2: bad input")  # not transient: fails at once
+        return real(index, videos, out, settings, report)
+
+    monkeypatch.setattr(orchestrate, "ingest_shard", flaky)
+    o = Orchestration(workers=2, retries=3, retry_delay=0)
+    summary = with_runner(orchestrate.ingest_flow, o)(
+        [str(corpus)], str(tmp_path / "shards"), IngestSettings(shard_size=SHARD_SIZE),
+        orchestration=o)
+    assert calls[1] == 2 and calls[2] == 1
+    assert all(calls[i] == 1 for i in calls if i not in (1, 2))
+    assert [(f["kind"], f["where"]) for f in summary["failures"]] == [
+        ("shard", "shard-000002.tar")]
+    assert "bad input" in summary["failures"][0]["error"]
+    assert summary["shards_written"] == VIDEOS - 1  # everything else landed
+    for i in (0, 1, 3):
+        name = f"shard-{i:06d}.tar"
+        assert (tmp_path / "shards" / name).read_bytes() == (plain / "shards" / name).read_bytes()
+    [record] = [json.loads(p.read_text())
+                for p in (tmp_path / "shards" / "flow-runs").glob("*-ingest.json")]
+    assert record["tasks"]["shard-000001.tar"] == "Completed"
+    assert record["tasks"]["shard-000002.tar"] == "Failed"
+
+
+def test_which_errors_count_as_transient():
+    assert is_transient(OSError("no space left")) and is_transient(TimeoutError())
+    assert is_transient(ConnectionResetError())
+    for error in (UserError("bad id"), FileNotFoundError("x.mp4"), ValueError("bad"),
+                  PermissionError("denied"), KeyError("qid")):
+        assert not is_transient(error), error
+
+
+def test_serve_registers_a_cron_deployment(prefect_api, corpus, tmp_path, capsys):
+    from prefect.client.orchestration import get_client
+
+    code = main(["serve", str(corpus), "--root", str(tmp_path), "--cron", "15 3 * * *",
+                 "--name", "nightly", "--register-only"])
+    assert code == 0
+    with get_client(sync_client=True) as client:
+        d = client.read_deployment_by_name("refocus-preprocess/nightly")
+    assert [s.schedule.cron for s in d.schedules] == ["15 3 * * *"]
+    assert d.parameters["root"] == str(tmp_path.resolve())
+    assert d.parameters["inputs"] == [str(corpus.resolve())]
+    assert main(["serve", str(corpus), "--root", str(tmp_path), "--cron", "every day",
+                 "--register-only"]) == 2
+    assert "not a valid schedule" in capsys.readouterr().err
