@@ -82,7 +82,7 @@ def write_selections(out: str | os.PathLike[str], rows: list[FrameSelection],
         ("qid", pa.string()), ("video_id", pa.string()), ("question", pa.string()),
         ("options", pa.list_(pa.string())), ("k", pa.int32()),
         ("frame_indices", pa.list_(pa.int32())), ("timestamps", pa.list_(pa.float64())),
-        ("probabilities", pa.list_(pa.float32())), ("source", pa.string()),
+        ("probabilities", pa.list_(pa.float64())), ("source", pa.string()),
     ])
     table = pa.Table.from_pylist(dicts, schema=schema)
     parquet = folder / PARQUET_FILE
