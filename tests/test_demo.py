@@ -6,18 +6,14 @@ from __future__ import annotations
 import csv
 import json
 
-from pipelines.demo import DemoSettings, run_demo
-from pipelines.synth import SynthSettings
-from refocus.settings import GRPOSettings, ReaderTrainSettings
-
-SMALL = DemoSettings(synth=SynthSettings(videos=16, workers=2),
-                     reader=ReaderTrainSettings(steps=60),
-                     grpo=GRPOSettings(steps=6, questions_per_step=8, group=4), timelines=2)
+from flows.cli import main
+from pipelines.demo import QUICK, run_demo
+from stores.selections import read_selections
 
 
 def test_demo_writes_a_report_that_matches_the_evaluation(tmp_path):
     said: list[str] = []
-    summary = run_demo(tmp_path, SMALL, say=said.append)
+    summary = run_demo(tmp_path, QUICK, say=said.append)
     report = tmp_path / "report"
     for name in ("README.md", "training.png", "accuracy.png", "timelines.png", "summary.json"):
         assert (report / name).stat().st_size > 0, name
@@ -32,13 +28,19 @@ def test_demo_writes_a_report_that_matches_the_evaluation(tmp_path):
     assert f"**{100 * float(refocus['accuracy']):.1f} %**" in text
     assert "![timelines](timelines.png)" in text
     assert [s for s in said if s.startswith("[")] == [
-        f"[{i}/6] {name} …" for i, name in
-        enumerate(["synth", "ingest", "embed", "train-reader", "train", "eval"], 1)]
+        f"[{i}/7] {name} …" for i, name in
+        enumerate(["synth", "ingest", "embed", "train-reader", "train", "eval", "score"], 1)]
+    # the fresh set was scored: selections for its questions, recall measured on them
+    fresh = summary["fresh"]
+    assert len(read_selections(tmp_path / "scored")) == fresh["questions"] > 0
+    assert 0 <= fresh["evidence_recall"]["refocus"] <= 1
+    assert "## Scoring a fresh corpus" in text
     # a re-run resumes: nothing is generated, ingested, embedded or trained again
     weights = [tmp_path / "reader" / "weights.safetensors",
                tmp_path / "policy" / "policy" / "weights.safetensors"]
     stamps = [w.stat().st_mtime_ns for w in weights]
-    again = run_demo(tmp_path, SMALL, say=lambda _: None)
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0  # the CLI's --quick = QUICK
+    again = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert [w.stat().st_mtime_ns for w in weights] == stamps
     assert again["seconds"]["synth"] == 0.0
     assert json.loads((tmp_path / "shards" / "summary.json").read_text())["shards_written"] == 0
