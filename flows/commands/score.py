@@ -22,7 +22,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "NExT-QA) become manifests with 'refocus import' first.\n\n"
         "examples:\n"
         "  refocus score corpus.jsonl --policy runs/policy --k 32 --out scored/\n"
-        "  refocus import videomme test.parquet --videos videos/ --out vmme.jsonl\n"
+        "  refocus import videomme test.parquet --videos videos/ -o vmme.jsonl\n"
         "  refocus score vmme.jsonl --policy runs/policy --k 16 --out vmme/ --export jpeg\n"
         "  refocus score videos/ qa.jsonl --policy runs/policy --out s/ --export webdataset",
     )
