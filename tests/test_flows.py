@@ -72,7 +72,15 @@ def assert_same_stores(a: Path, b: Path) -> None:
     za = zarr.open_group(a / "features" / "features.zarr", mode="r")
     zb = zarr.open_group(b / "features" / "features.zarr", mode="r")
     for key in ARRAYS:
-        np.testing.assert_array_equal(za[key][:], zb[key][:], err_msg=key)
+        x, y = za[key][:], zb[key][:]
+        if key.endswith("embedding"):
+            # Model outputs: a different process or thread count may round a matmul
+            # differently, which moves a rare float16 value by one step (2^-14 near 0.1).
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=0,
+                                       atol=2.0 ** -13, err_msg=key)
+            assert np.mean(x == y) > 0.999, key
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=key)
     assert list(za["questions/qid"][:]) == list(zb["questions/qid"][:])
 
 
