@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipelines import plots
 from refocus.data import Corpus
@@ -24,7 +25,13 @@ from refocus.reader import Reader, ReaderConfig, accuracy, train_reader
 from refocus.rewards import ReaderReference, Reference, RewardCache, RewardModel
 from refocus.selectors import BASELINES, Learned, Selector, uniform_indices
 from refocus.settings import GRPOSettings, ReaderTrainSettings
-from refocus.trainer import GRPOTrainer, StepMetrics
+from refocus.trainer import (
+    DistEnv,
+    GRPOTrainer,
+    StepMetrics,
+    process_group,
+    rank_and_world,
+)
 from stores import checkpoints
 from stores.errors import UserError
 from stores.features import FeatureStore
@@ -177,6 +184,15 @@ def _score(validation: dict[str, float]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def rank_device(env: DistEnv, device: str | None = None) -> torch.device:
+    """The device of this process: ``pick_device``'s, except that each ``torchrun`` process on
+    a GPU machine takes its own GPU, cuda:LOCAL_RANK."""
+    chosen = pick_device(device)
+    if env.distributed and chosen.type == "cuda" and chosen.index is None:
+        return torch.device("cuda", env.local_rank)
+    return chosen
+
+
 def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                        reward_spec: str, out: str | os.PathLike[str], settings: GRPOSettings,
                        run: RunSettings = RunSettings(),
@@ -184,10 +200,31 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                        on_step: Callable[[StepMetrics], None] | None = None,
                        stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) a run in ``out``; ``stop_after`` ends early after that many steps
-    of this call (for tests and time-boxed runs)."""
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(store, qa, pick_device(run.device))
+    of this call (for tests and time-boxed runs).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments: it
+    joins the process group (NCCL on CUDA, each rank on cuda:LOCAL_RANK; else gloo) and the
+    trainer splits each step's questions over the ranks and averages their gradients. Every
+    rank reads the run folder (to resume); only rank 0 writes to it — run.json, metrics,
+    checkpoints, policy folders, training.png, summary.json — and validates; the others return
+    a summary without validation."""
+    env = DistEnv.from_environ()
+    device = rank_device(env, run.device)
+    with process_group(env, device):
+        return _train_policy(store, qa, reward_spec, Path(out), settings, run, device, on_start,
+                             on_step, stop_after)
+
+
+def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, reward_spec: str,
+                  out_dir: Path, settings: GRPOSettings, run: RunSettings, device: torch.device,
+                  on_start: Callable[[int, int], None] | None,
+                  on_step: Callable[[StepMetrics], None] | None,
+                  stop_after: int | None) -> dict[str, Any]:
+    rank, world = rank_and_world()
+    main = rank == 0  # the one writer
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(store, qa, device)
     ref = reference(reward_spec, corpus, store_shards(store), run.reference_features,
                     run.reference_batch)
     identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
@@ -201,13 +238,14 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
         if before != json.loads(json.dumps(identity)):
             raise UserError(f"{out_dir}: holds a run with other settings, store or reward "
                             "(run.json); resume with the same options or choose another --out")
-    write_json_atomic(run_file, identity)
-    cache = RewardCache(ref.id, saved[2] if saved else ())
+    if main:
+        write_json_atomic(run_file, identity)
+    cache = RewardCache(ref.id, saved[2] if saved else ())  # per rank; rank 0's is saved
     reward_model = RewardModel(ref, cache)
     policy_config = PolicyConfig(dim=corpus.frame_embedding.shape[1], hidden=run.hidden,
                                  layers=run.layers)
     trainer = GRPOTrainer(corpus, reward_model, settings, policy_config)
-    metrics = checkpoints.MetricsLog(out_dir / "metrics.jsonl")
+    metrics = checkpoints.MetricsLog(out_dir / "metrics.jsonl") if main else None
     best = {"score": -1.0, "step": 0, "validation": {}}
     best_weights = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     if saved is not None:
@@ -215,8 +253,9 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
         trainer.load_state(tensors, meta)
         best = meta["best"]
         best_weights = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
-        metrics.truncate_after(trainer.step_count)
-    else:
+        if main:
+            metrics.truncate_after(trainer.step_count)
+    elif main:
         metrics.path.unlink(missing_ok=True)
     val_rows = corpus.rows("val") or corpus.rows("train")[:256]
     budgets = tuple(sorted(set(settings.budgets)))
@@ -227,7 +266,9 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     timings = dict.fromkeys(("sample", "reward", "update", "validate", "checkpoint"), 0.0)
 
     def checkpoint() -> None:
-        tensors, meta = trainer.state()
+        tensors, meta = trainer.state()  # on every rank: it gathers their generators
+        if not main:
+            return
         tensors.update({f"best.{k}": v for k, v in best_weights.items()})
         meta["best"] = best
         checkpoints.save_checkpoint(out_dir, tensors, meta, cache.items())
@@ -238,19 +279,19 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
         for stage in ("sample", "reward", "update"):
             timings[stage] += getattr(m, f"{stage}_seconds")
         tick = time.perf_counter()
-        row = {"kind": "train", **{k: v for k, v in asdict(m).items() if k != "extra"}}
+        rows = [{"kind": "train", **{k: v for k, v in asdict(m).items() if k != "extra"}}]
         last = trainer.step_count == settings.steps
-        if trainer.step_count % run.eval_every == 0 or last:
-            validation = trainer.validate(val_rows, budgets)
-            metrics.append(row)
-            metrics.append({"kind": "val", "step": trainer.step_count, **validation})
+        if main and (trainer.step_count % run.eval_every == 0 or last):
+            validation = trainer.validate(val_rows, budgets)  # no collective: rank 0 alone
+            rows.append({"kind": "val", "step": trainer.step_count, **validation})
             if _score(validation) > best["score"]:
                 best = {"score": _score(validation), "step": trainer.step_count,
                         "validation": validation}
                 best_weights = {k: v.detach().clone()
                                 for k, v in trainer.policy.state_dict().items()}
-        else:
-            metrics.append(row)
+        if main:
+            for row in rows:
+                metrics.append(row)
         timings["validate"] += time.perf_counter() - tick
         if on_step is not None:
             on_step(m)
@@ -269,7 +310,7 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
         "best": best, "filter": trainer.filter_stats, "reward": ref.id,
         "cache": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses},
     }
-    if finished and (steps_this_call or not (out_dir / "policy").exists()):
+    if main and finished and (steps_this_call or not (out_dir / "policy").exists()):
         checkpoints.save_model(out_dir / "policy", "policy", policy_config.as_dict(),
                                best_weights, chosen="best validation", best=best,
                                settings=settings.as_dict(), reward=ref.id)
@@ -277,7 +318,10 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                                trainer.policy.state_dict(), chosen="last step",
                                settings=settings.as_dict(), reward=ref.id)
         plots.training_curves(list(metrics.rows()), out_dir / "training.png")
-    write_json_atomic(out_dir / "summary.json", summary)
+    if main:
+        write_json_atomic(out_dir / "summary.json", summary)
+    if world > 1:  # no rank leaves (and re-reads the run) before rank 0 has written it
+        dist.barrier()
     return summary
 
 

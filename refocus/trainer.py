@@ -12,17 +12,30 @@ clipping, autocast on CUDA.
 
 The trainer holds no files: ``state()`` returns tensors and JSON-able values that restore it
 exactly (weights, optimizer, step, random generators), and the caller writes them.
+
+Several processes (``torchrun``): when a ``torch.distributed`` process group is up, every rank
+draws the same global batch of ``questions_per_step`` questions (the numpy generator is seeded
+alike on all ranks) and keeps its own share, ``questions[rank::world]``; each rank samples with
+its own torch generator (seed + rank), scores its share, and after ``backward`` the gradients
+are averaged over the ranks by one all-reduce, so every rank takes the same optimizer step and
+the weights stay identical (same seed, same initial weights). With equal shares the averaged
+gradient is the gradient of the whole batch in one process. Outside a process group nothing of
+this runs: one process trains exactly as before.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from refocus.data import Corpus
 from refocus.policy import FrameSelector, PolicyConfig
@@ -47,6 +60,73 @@ class StepMetrics:
     update_seconds: float = 0.0  # teacher-forced pass, backward, optimizer
     cache_hits: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    """One step's sampled subsets and their advantages, for this rank's questions."""
+
+    budget: int
+    questions: torch.Tensor  # [B] corpus rows
+    picks: torch.Tensor  # [B·N, k] local frame indices, N = group, rows grouped by question
+    mask: torch.Tensor  # [B·N, k] real picks
+    rewards: torch.Tensor  # [B·N]
+    advantage: torch.Tensor  # [B·N] normalised within each question's group
+    sample_seconds: float = 0.0
+    reward_seconds: float = 0.0
+    cache_hits: int = 0
+
+
+# ----------------------------------------------------------------------------- several processes
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a ``torchrun`` launch, read from RANK, LOCAL_RANK and
+    WORLD_SIZE (one process when they are unset). Plain Python: reading it loads nothing."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> DistEnv:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0")) if world > 1 else 0
+        return cls(rank, int(environ.get("LOCAL_RANK", rank)) if world > 1 else 0, world)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one process that writes files and reports."""
+        return self.rank == 0
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, number of ranks) of the running ``torch.distributed`` job; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
+    """Join the launch's process group for the duration — NCCL on CUDA, else gloo — and leave
+    it afterwards. Nothing for one process, or when the caller has joined one already."""
+    if not env.distributed or (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)  # so "cuda" (e.g. an LMM reference) means this rank's GPU
+    dist.init_process_group("nccl" if cuda else "gloo", rank=env.rank,
+                            world_size=env.world_size, device_id=device if cuda else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def window_filter(corpus: Corpus, questions: list[int], reward_model: RewardModel,
@@ -77,13 +157,17 @@ class GRPOTrainer:
         self.corpus = corpus
         self.reward_model = reward_model
         self.settings = s = settings
-        torch.manual_seed(s.seed)
+        self.rank, self.world = rank_and_world()
+        if s.questions_per_step % self.world:
+            raise ValueError(f"questions_per_step ({s.questions_per_step}) must split evenly "
+                             f"over the {self.world} processes")
+        torch.manual_seed(s.seed)  # the same initial weights on every rank
         config = policy_config or PolicyConfig(dim=corpus.frame_embedding.shape[1])
         self.policy = FrameSelector(config).to(corpus.device)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=s.lr,
                                            weight_decay=s.weight_decay)
-        self.generator = torch.Generator(device=corpus.device).manual_seed(s.seed)
-        self.rng = np.random.default_rng(s.seed)
+        self.generator = torch.Generator(device=corpus.device).manual_seed(s.seed + self.rank)
+        self.rng = np.random.default_rng(s.seed)  # alike on every rank: the same global batch
         self.step_count = 0
         self.questions = corpus.rows("train")
         if not self.questions:
@@ -121,21 +205,44 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> StepMetrics:
+        s = self.settings
+        started = time.perf_counter()
+        lr = self.learning_rate(self.step_count)
+        rollout = self.rollout()
+        rewarded = time.perf_counter()
+        loss, entropy = self.update(rollout)
+        done = time.perf_counter()
+        grouped = rollout.rewards.view(-1, s.group)
+        stats = torch.stack([rollout.rewards.mean(), grouped.std(1, unbiased=False).mean(),
+                             rollout.advantage.abs().mean(), entropy, loss])
+        if self.world > 1:  # the whole batch's means (the shares are equal)
+            dist.all_reduce(stats)
+            stats /= self.world
+        reward, reward_std, advantage_abs, entropy_mean, loss_value = stats.tolist()
+        return StepMetrics(
+            step=self.step_count, budget=rollout.budget, reward=reward, reward_std=reward_std,
+            advantage_abs=advantage_abs, entropy=entropy_mean, loss=loss_value, lr=lr,
+            seconds=done - started, sample_seconds=rollout.sample_seconds,
+            reward_seconds=rollout.reward_seconds, update_seconds=done - rewarded,
+            cache_hits=rollout.cache_hits)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=self.corpus.device.type == "cuda")
+
+    def rollout(self) -> Rollout:
+        """This step's budget and batch (this rank's share of it); a group of subsets sampled
+        per question (no gradient); their rewards and advantages within each group."""
         s, corpus, policy = self.settings, self.corpus, self.policy
         started = time.perf_counter()
         k = self.budget()
-        lr = self.learning_rate(self.step_count)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        questions = torch.as_tensor(
-            self.rng.choice(self.questions, s.questions_per_step), device=corpus.device)
+        drawn = self.rng.choice(self.questions, s.questions_per_step)
+        questions = torch.as_tensor(drawn[self.rank::self.world], device=corpus.device)
         batch = corpus.frames_of(questions)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                                  enabled=corpus.device.type == "cuda")
 
         # 1. sample a group of subsets per question (no gradient)
         policy.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), self._autocast():
             ctx = policy.encode(batch.question_embedding, batch.question_text, batch.frames,
                                 batch.times, batch.valid).repeat(s.group)
             sample = policy.sample(ctx, k, temperature=s.temperature, generator=self.generator,
@@ -144,37 +251,53 @@ class GRPOTrainer:
         sampled = time.perf_counter()
 
         # 2. rewards from the reference, advantages within each group
-        hits_before = self.reward_model.cache.hits if self.reward_model.cache else 0
+        cache = self.reward_model.cache
+        hits_before = cache.hits if cache else 0
         rewards = self.reward_model.rewards(corpus, rows, sample.picks, sample.mask)
         grouped = rewards.view(-1, s.group)
         advantage = (grouped - grouped.mean(1, keepdim=True)) / (
             grouped.std(1, keepdim=True, unbiased=False) + 1e-6)
-        rewarded = time.perf_counter()
+        return Rollout(k, questions, sample.picks, sample.mask, rewards, advantage.flatten(),
+                       sample_seconds=sampled - started,
+                       reward_seconds=time.perf_counter() - sampled,
+                       cache_hits=(cache.hits - hits_before) if cache else 0)
 
-        # 3. teacher-forced log-probabilities, policy-gradient loss with an entropy bonus
+    def update(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """3. Teacher-forced log-probabilities of the rollout's subsets, the policy-gradient
+        loss with an entropy bonus, one optimizer step (gradients averaged over the ranks
+        first). Returns this rank's (loss, mean entropy)."""
+        s, policy = self.settings, self.policy
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step_count)
+        batch = self.corpus.frames_of(rollout.questions)
         policy.train()
-        with autocast:
+        with self._autocast():
             ctx = policy.encode(batch.question_embedding, batch.question_text, batch.frames,
                                 batch.times, batch.valid).repeat(s.group)
-            log_probs, entropy = policy.log_probs(ctx, sample.picks, temperature=s.temperature)
-        steps_taken = sample.mask.float().sum(1).clamp_min(1)
-        pg = -(advantage.flatten() * log_probs.float().sum(1)).mean()
+            log_probs, entropy = policy.log_probs(ctx, rollout.picks, temperature=s.temperature)
+        steps_taken = rollout.mask.float().sum(1).clamp_min(1)
+        pg = -(rollout.advantage * log_probs.float().sum(1)).mean()
         mean_entropy = (entropy.float().sum(1) / steps_taken).mean()
         loss = pg - s.entropy_coef * mean_entropy
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            self._average_gradients()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip)
         self.optimizer.step()
         self.step_count += 1
-        done = time.perf_counter()
-        hits = (self.reward_model.cache.hits - hits_before) if self.reward_model.cache else 0
-        return StepMetrics(
-            step=self.step_count, budget=k, reward=float(rewards.mean()),
-            reward_std=float(grouped.std(1, unbiased=False).mean()),
-            advantage_abs=float(advantage.abs().mean()), entropy=float(mean_entropy.detach()),
-            loss=float(loss.detach()), lr=lr, seconds=done - started,
-            sample_seconds=sampled - started, reward_seconds=rewarded - sampled,
-            update_seconds=done - rewarded, cache_hits=hits)
+        return loss.detach(), mean_entropy.detach()
+
+    def _average_gradients(self) -> None:
+        """Mean of the ranks' gradients, in one all-reduce of all of them flattened (the same
+        single collective on every rank, whatever the batch)."""
+        params = list(self.policy.parameters())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in params])
+        dist.all_reduce(flat)  # a sum: gloo has no average
+        flat /= self.world
+        for p, grad in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad = grad.view_as(p)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -205,6 +328,10 @@ class GRPOTrainer:
             for name, value in entry.items():
                 tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu()
         tensors["generator"] = self.generator.get_state()
+        if self.world > 1:  # every rank's sampling generator (a collective: call on all ranks)
+            states: list[Any] = [None] * self.world
+            dist.all_gather_object(states, self.generator.get_state())
+            tensors.update({f"generator.rank{r}": states[r] for r in range(1, self.world)})
         meta = {
             "step": self.step_count,
             "settings": self.settings.as_dict(),
@@ -226,7 +353,9 @@ class GRPOTrainer:
                 state.setdefault(int(index), {})[name] = value.to(self.corpus.device) \
                     if name != "step" else value
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
-        self.generator.set_state(tensors["generator"])
+        own = "generator" if self.rank == 0 else f"generator.rank{self.rank}"
+        if own in tensors:  # (a rank the saved run did not have keeps its fresh generator)
+            self.generator.set_state(tensors[own])
         self.rng.bit_generator.state = meta["numpy_rng"]
         self.step_count = int(meta["step"])
         self.questions = list(meta["questions"])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 from flows import console
 from flows.options import EXIT_OK, add_command, non_negative_float, non_negative_int, positive_int
+from stores.errors import UserError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -140,6 +142,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from pipelines.learn import RunSettings, train_policy_stage
     from refocus.settings import GRPOSettings
+    from refocus.trainer import DistEnv
 
     settings = GRPOSettings(
         steps=args.steps, questions_per_step=args.questions_per_step, group=args.group,
@@ -149,8 +152,13 @@ def _run_train(args: argparse.Namespace) -> int:
                       hidden=args.hidden, device=args.device,
                       reference_features=args.reference_features,
                       reference_batch=args.reference_batch)
-    with console.progress_bar("train", "steps") as bar:
-        task = bar.add_task("train", total=settings.steps, detail="")
+    env = DistEnv.from_environ()
+    if settings.questions_per_step % env.world_size:
+        raise UserError(f"--questions-per-step {settings.questions_per_step} must divide evenly "
+                        f"by the {env.world_size} torchrun processes (each takes an equal share)")
+    main = env.is_main  # under torchrun, rank 0 alone shows and tells
+    with console.progress_bar("train", "steps") if main else nullcontext() as bar:
+        task = bar.add_task("train", total=settings.steps, detail="") if bar else None
 
         def on_start(total: int, done: int) -> None:
             bar.update(task, total=total, completed=done)
@@ -160,7 +168,10 @@ def _run_train(args: argparse.Namespace) -> int:
                        detail=f"k={m.budget} reward {m.reward:+.3f} entropy {m.entropy:.2f}")
 
         summary = train_policy_stage(args.store, args.qa, args.reward, args.out, settings, run,
-                                     on_start=on_start, on_step=on_step)
+                                     on_start=on_start if bar else None,
+                                     on_step=on_step if bar else None)
+    if not main:
+        return EXIT_OK
     out = console.out
     best = summary["best"]
     out.print(f"[bold]train[/] → {args.out} ({summary['steps']} steps, "
