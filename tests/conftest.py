@@ -223,3 +223,14 @@ def prefect_api() -> str:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield PREFECT_API_URL.value()
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Tests on the Prefect test server run last, and those that start a Dask cluster in this
+    process after all others: once a Dask client has run here, processes forked later (the
+    DataLoader workers of the embed fixtures) inherit its state and exit with status 1."""
+    def rank(item) -> int:
+        fixtures = getattr(item, "fixturenames", ())
+        return 2 if "dask" in item.name else 1 if "prefect_api" in fixtures else 0
+
+    items.sort(key=rank)  # stable: the order within each group is kept
