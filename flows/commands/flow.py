@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import console
+from flows.commands.ingest import add_candidate_options
 from flows.options import (
     EXIT_FAILURES,
     EXIT_OK,
@@ -42,12 +43,7 @@ def _preprocess_options(p: argparse.ArgumentParser) -> None:
                    help="video files, folders of videos, or .jsonl manifests")
     p.add_argument("--root", required=True, type=Path, metavar="DIR",
                    help="data root: ROOT/shards, ROOT/features, ROOT/logs, ROOT/flow-runs")
-    p.add_argument("--fps", type=non_negative_float, default=4.0,
-                   help="at most this many candidate frames per second (0: no cap)")
-    p.add_argument("--max-frames", type=non_negative_int, default=512, metavar="N",
-                   help="at most N candidates per video (0: no cap)")
-    p.add_argument("--size", type=non_negative_int, default=384, metavar="S",
-                   help="short side of the stored frames (0: keep)")
+    add_candidate_options(p)
     p.add_argument("--shard-size", type=positive_int, default=16, metavar="V",
                    help="videos per shard (a shard is one task)")
     p.add_argument("--model", default="refocus-synth", metavar="NAME",

@@ -22,6 +22,16 @@ from stores import importers
 from stores.shards import FAILURES_FILE
 
 
+def add_candidate_options(p: argparse.ArgumentParser) -> None:
+    """How many candidate frames and how large: shared by ingest and the flows."""
+    p.add_argument("--fps", type=non_negative_float, default=4.0,
+                   help="at most this many candidate frames per second (0: no cap)")
+    p.add_argument("--max-frames", type=non_negative_int, default=512, metavar="N",
+                   help="at most N candidates per video, spread over its duration (0: no cap)")
+    p.add_argument("--size", type=non_negative_int, default=384, metavar="S",
+                   help="resize to this short side, keeping the aspect; never upscales (0: keep)")
+
+
 def add(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "ingest",
@@ -40,12 +50,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video files, folders of videos (recursive), or .jsonl manifests")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--fps", type=non_negative_float, default=4.0,
-                   help="at most this many candidate frames per second (0: no cap)")
-    p.add_argument("--max-frames", type=non_negative_int, default=512, metavar="N",
-                   help="at most N candidates per video, spread over its duration (0: no cap)")
-    p.add_argument("--size", type=non_negative_int, default=384, metavar="S",
-                   help="resize to this short side, keeping the aspect; never upscales (0: keep)")
+    add_candidate_options(p)
     p.add_argument("--jpeg-quality", type=number(int, 1, 100), default=90, metavar="Q",
                    help="JPEG quality, 1-100")
     p.add_argument("--stream", type=non_negative_int, default=0, metavar="K",
