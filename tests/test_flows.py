@@ -197,3 +197,34 @@ def test_serve_registers_a_cron_deployment(prefect_api, corpus, tmp_path, capsys
     assert main(["serve", str(corpus), "--root", str(tmp_path), "--cron", "every day",
                  "--register-only"]) == 2
     assert "not a valid schedule" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_flows_match_the_plain_stages(prefect_api, synth_store, tmp_path):
+    from safetensors.torch import load_file
+
+    from flows.orchestrate import evaluate_flow, train_flow
+    from pipelines.learn import RunSettings, evaluate_stage, train_policy_stage, train_reader_stage
+    from refocus.settings import GRPOSettings, ReaderTrainSettings
+
+    store = str(synth_store / "features")
+    reader = ReaderTrainSettings(steps=20, batch_size=32)
+    grpo = GRPOSettings(steps=3, questions_per_step=8, group=4)
+    run = RunSettings(eval_every=3, checkpoint_every=3)
+    summary = train_flow(store, str(tmp_path / "flow"), "reader", grpo, reader, run)
+    # the oracle: the same stages called directly
+    train_reader_stage(store, None, tmp_path / "plain" / "reader", reader)
+    plain = train_policy_stage(store, None, f"reader:{tmp_path / 'plain' / 'reader'}",
+                               tmp_path / "plain" / "policy", grpo, run)
+    assert summary["policy"]["steps"] == plain["steps"] == 3
+    for part in ("reader/weights.safetensors", "policy/policy/weights.safetensors"):
+        a, b = load_file(tmp_path / "flow" / part), load_file(tmp_path / "plain" / part)
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), part
+    reward = f"reader:{tmp_path / 'flow' / 'reader'}"
+    policy = str(tmp_path / "flow" / "policy")
+    rows = evaluate_flow(store, reward, [policy], str(tmp_path / "eval"), "test", [4])
+    direct = evaluate_stage(store, None, "test", [4], reward, [policy])
+    assert [(r["method"], r["category"], r["accuracy"]) for r in rows] == [
+        (r.method, r.category, r.accuracy) for r in direct]
+    assert (tmp_path / "eval" / "eval.md").exists()
+    records = sorted(p.name for p in (tmp_path / "flow" / "flow-runs").glob("*.json"))
+    assert len(records) == 1 and records[0].endswith("-train.json")
