@@ -45,7 +45,6 @@ from pipelines.embed import (
 from pipelines.encoder import SYNTH_ENCODER, Encoder, load_encoder
 from pipelines.ingest import IngestSettings, finish_ingest, ingest_job, ingest_shard
 from stores import importers
-from stores.errors import UserError
 from stores.index import IndexSettings
 from stores.manifest import Manifest, Video, merge, read_manifest
 from stores.shards import MANIFEST_FILE, shard_name
@@ -303,6 +302,7 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
         SHARDS,
         ScoreSettings,
         check_questions,
+        encoder_args,
         find_policy,
         ingest_settings,
     )
@@ -322,7 +322,7 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
                            ingest_settings(trained, o.workers), False, o, record)
         seconds = {"ingest": time.perf_counter() - tick}
         tick = time.perf_counter()
-        model, pretrained = _policy_encoder(trained, settings)
+        model, pretrained = encoder_args(trained, settings)
         embedded = _embed(str(root / SHARDS), str(root / FEATURES), model, pretrained,
                           [str(root / SHARDS / MANIFEST_FILE)],
                           EmbedSettings(batch_size=settings.embed.batch_size, index=None),
@@ -333,15 +333,3 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
         summary = _select_task(manifest, policy, out, settings, failures, seconds, started)
         record.summary = summary
     return summary
-
-
-def _policy_encoder(trained: Any, settings: Any) -> tuple[str, str | None]:
-    """(model, pretrained) for load_encoder: the options given, else the training store's."""
-    if settings.model:
-        return settings.model, settings.pretrained
-    if trained.store is None:
-        raise UserError(f"{trained.path}: the training store this policy came from is not "
-                        "found (run.json); name its encoder with --model/--pretrained")
-    model = str(trained.store.encoder["model"])
-    bundle = model.startswith(("hf-hub:", "local-dir:"))
-    return model, None if bundle else trained.store.encoder.get("pretrained")

@@ -108,10 +108,14 @@ def score_fresh(paths: dict[str, Path], settings: DemoSettings) -> dict[str, Any
     summary = score(manifest, paths["policy"], paths["scored"], ScoreSettings(k=k))
     spans = {q.qid: q.evidence for q in manifest.questions if q.evidence}
     hit = {"refocus": [], "uniform": []}
+    shards = ShardSet(paths["scored"] / "shards")
+    candidate_times: dict[str, list[float]] = {}  # per video, read once
     for row in read_selections(paths["scored"]):
         if row.qid not in spans:
             continue
-        times = ShardSet(paths["scored"] / "shards").read(row.video_id).meta["timestamps"]
+        if row.video_id not in candidate_times:
+            candidate_times[row.video_id] = shards.read(row.video_id).meta["timestamps"]
+        times = candidate_times[row.video_id]
         uniform = [times[i] for i in uniform_indices(len(times), k)]
         for method, chosen in (("refocus", row.timestamps), ("uniform", uniform)):
             hit[method].append(np.mean([any(a - 1e-6 <= t <= b + 1e-6 for t in chosen)

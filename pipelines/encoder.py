@@ -245,12 +245,16 @@ def load_encoder(model: str, pretrained: str | None = None, device: str | None =
     return Encoder(clip, preprocess, tokenizer, target, _identity(spec, clip))
 
 
+def encoder_spec(identity: dict[str, Any]) -> tuple[str, str | None]:
+    """The (model, pretrained) arguments of ``load_encoder`` that an identity records."""
+    model = str(identity.get("model"))
+    is_bundle = model.startswith(("hf-hub:", "local-dir:"))  # they carry their own weights
+    return model, None if is_bundle else identity.get("pretrained")
+
+
 def load_encoder_of(identity: dict[str, Any], device: str | None = None) -> Encoder:
     """The encoder an identity was recorded from (model and weights as recorded)."""
-    pretrained = identity.get("pretrained")
-    model = str(identity.get("model"))
-    is_bundle = model.startswith(("hf-hub:", "local-dir:"))
-    return load_encoder(model, None if is_bundle else pretrained, device)
+    return load_encoder(*encoder_spec(identity), device)
 
 
 def _identity(spec: _Resolved, clip: torch.nn.Module) -> dict[str, Any]:

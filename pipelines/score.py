@@ -20,7 +20,7 @@ from typing import Any
 
 from pipelines.decode import DecodeSettings
 from pipelines.embed import EmbedSettings, embed
-from pipelines.encoder import load_encoder, load_encoder_of
+from pipelines.encoder import encoder_spec, load_encoder
 from pipelines.ingest import IngestSettings, ingest
 from pipelines.learn import load_corpus, load_policy, pick_device
 from refocus.selectors import Learned
@@ -86,13 +86,15 @@ def ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:
                           shard_size=trained.get("shard_size", 16), workers=workers)
 
 
-def encoder_for(policy: TrainedPolicy, settings: ScoreSettings) -> Any:
+def encoder_args(policy: TrainedPolicy, settings: ScoreSettings) -> tuple[str, str | None]:
+    """(model, pretrained) for ``load_encoder``: the options given, else what the policy's
+    training store was embedded with."""
     if settings.model:
-        return load_encoder(settings.model, settings.pretrained, settings.device)
+        return settings.model, settings.pretrained
     if policy.store is None:
         raise UserError(f"{policy.path}: the training store this policy came from is not "
                         "found (run.json); name its encoder with --model/--pretrained")
-    return load_encoder_of(policy.store.encoder, settings.device)
+    return encoder_spec(policy.store.encoder)
 
 
 def select(features: str | os.PathLike[str], manifest_paths: list[Path], policy_path: Path,
@@ -128,20 +130,22 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
     source = ShardSet(shards_dir)
     lookup = source.lookup()
     written = 0
-    by_video: dict[str, list[FrameSelection]] = {}
-    for row in rows:
-        by_video.setdefault(row.video_id, []).append(row)
-    frames_of: dict[str, list[bytes]] = {}
-    for video_id in by_video:
-        frames_of[video_id] = source.read(video_id, lookup[video_id]).frames
+    last: tuple[str, list[bytes]] = ("", [])  # rows come grouped by video: read each once
+
+    def chosen(row: FrameSelection) -> list[bytes]:
+        nonlocal last
+        if last[0] != row.video_id:
+            last = (row.video_id, source.read(row.video_id, lookup[row.video_id]).frames)
+        return [last[1][i] for i in row.frame_indices]
+
     if kind == "jpeg":
         for row in rows:
             folder = out / safe_component(row.qid)
             folder.mkdir(parents=True, exist_ok=True)
-            for rank, (i, t) in enumerate(zip(row.frame_indices, row.timestamps, strict=True)):
+            for rank, (jpeg, t) in enumerate(zip(chosen(row), row.timestamps, strict=True)):
                 path = folder / f"{rank:03d}_{t:010.3f}s.jpg"
                 tmp = path.with_name(path.name + ".tmp")
-                tmp.write_bytes(frames_of[row.video_id][i])
+                tmp.write_bytes(jpeg)
                 os.replace(tmp, path)
                 written += 1
             shard_files.write_json_atomic(folder / "selection.json", row.__dict__)
@@ -151,7 +155,7 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
             writer = shard_files.ShardWriter(out, index)
             try:
                 for row in rows[start:start + shard_size]:
-                    jpegs = [frames_of[row.video_id][i] for i in row.frame_indices]
+                    jpegs = chosen(row)
                     writer.add(safe_component(row.qid), dict(row.__dict__), jpegs)
                     written += len(jpegs)
                 writer.commit({"questions": len(writer.samples)})
@@ -176,7 +180,8 @@ def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os
     seconds["ingest"] = time.perf_counter() - tick
     tick = time.perf_counter()
     say("embed …")
-    embedded = embed(root / SHARDS, root / FEATURES, encoder_for(policy, settings),
+    embedded = embed(root / SHARDS, root / FEATURES,
+                     load_encoder(*encoder_args(policy, settings), settings.device),
                      settings.embed, questions=manifest)
     seconds["embed"] = time.perf_counter() - tick
     failures = [str(f) for f in ingested.failures] + list(embedded.failures)
