@@ -225,3 +225,22 @@ def test_a_batch_that_runs_out_of_memory_is_halved(scorers, frames, monkeypatch)
     for row, single in zip(got, alone, strict=True):
         n = torch.isfinite(single).sum()
         torch.testing.assert_close(row[:n], single[:n], atol=2e-5, rtol=1e-5)
+
+
+def test_the_precompute_flow_writes_what_the_command_writes(prefect_api, models, scorers,
+                                                           sample_shards, tmp_path):
+    from flows.orchestrate import precompute_flow
+
+    model, scorer = str(models["qwen2_vl"]), scorers["qwen2_vl"]
+    plain, flowed = tmp_path / "plain", tmp_path / "flow"
+    assert main(["precompute-reference", "--model", model, "--shards", str(sample_shards),
+                 "--out", str(plain), "--device", "cpu", "--frames-per-pass", "5"]) == EXIT_OK
+    summary = precompute_flow(str(sample_shards), str(flowed), model, "cpu", 5)
+    assert summary["shards_written"] == 4
+    a, b = StoreFrames(ReferenceStore(flowed), scorer), StoreFrames(ReferenceStore(plain), scorer)
+    for video, local in (("asl_book", [0, 2, 3]), ("nasa_13013", [1, 5, 9, 20])):
+        for x, y in zip(a.frames(video, local, True), b.frames(video, local, True), strict=True):
+            assert x.size == y.size
+            assert torch.equal(x.tokens, y.tokens)
+    [record] = list((flowed / "flow-runs").glob("*-precompute-reference.json"))
+    assert json.loads(record.read_text())["status"] == "completed"
