@@ -18,19 +18,17 @@ is enforced with a lock file (``.locks/``).
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
 import tarfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stores.errors import UserError
+from stores.owned import exclusive_lock  # noqa: F401  (shared with the ingest stage)
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -75,30 +73,6 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-
-
-@contextmanager
-def exclusive_lock(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (a lock file); wait up to ``wait`` seconds for it,
-    then fail naming ``what``.
-
-    A POSIX record lock (``lockf``): it belongs to this process alone, so worker processes
-    forked while it is held do not keep it alive after this process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + wait
-    with open(path, "a") as handle:
-        while True:
-            try:
-                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    raise UserError(f"{what} is in use by another process (lock {path})") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
