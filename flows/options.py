@@ -7,6 +7,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from stores.errors import UserError
+from stores.urls import MAX_DOWNLOAD_MB, SCHEMES, TIMEOUT, NetworkSettings
+
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 EPILOG = """\
@@ -55,3 +58,33 @@ def add_command(sub: argparse._SubParsersAction, name: str, summary: str, descri
     """A subcommand with the shared formatter and the exit-status epilog."""
     return sub.add_parser(name, formatter_class=Formatter, epilog=EPILOG, help=summary,
                           description=description)
+
+
+positive_float = number(float, 1e-3)
+
+
+def add_network_options(p: argparse.ArgumentParser) -> None:
+    """Which video URLs may be read, and how long and how much: shared by every command
+    that decodes the videos it is given (ingest, score, the flows)."""
+    g = p.add_argument_group("video URLs")
+    g.add_argument("--allow-scheme", action="append", metavar="SCHEME",
+                   help=f"also read URLs of this scheme (repeatable; always: "
+                        f"{', '.join(SCHEMES)}), e.g. rtmp")
+    g.add_argument("--allow-private-hosts", action="store_true",
+                   help="read URLs on loopback, private and link-local addresses (refused "
+                        "by default: a manifest must not make refocus call internal hosts)")
+    g.add_argument("--network-timeout", type=positive_float, default=TIMEOUT, metavar="S",
+                   help="seconds to wait for a connection or for each read of a URL")
+    g.add_argument("--max-download-mb", type=positive_float, default=MAX_DOWNLOAD_MB,
+                   metavar="MB", help="refuse or stop a video URL larger than this")
+
+
+def network_settings(args: argparse.Namespace) -> NetworkSettings:
+    """The settings ``add_network_options`` parsed."""
+    try:
+        return NetworkSettings(
+            schemes=(*SCHEMES, *(args.allow_scheme or ())),
+            allow_private_hosts=args.allow_private_hosts, timeout=args.network_timeout,
+            max_download_mb=args.max_download_mb)
+    except ValueError as e:
+        raise UserError(f"--allow-scheme: {e}") from None

@@ -16,20 +16,45 @@ Candidates are chosen by presentation timestamp while decoding sequentially:
 
 Timestamps are the frames' exact ``pts * time_base`` in seconds, as ffprobe's ``pts_time``.
 Rotation metadata (the display matrix) is honoured by turning the picture upright.
+
+Network inputs (``stores.urls``): the decoder checks the URL again (scheme, and the
+addresses its host resolves to) before FFmpeg sees it, and opens it with connect/read
+timeouts (FFmpeg's ``rw_timeout`` and http ``timeout``, and PyAV's ``timeout``, per read), no
+reconnects, and a byte cap (the declared size, then the bytes read so far). Ctrl-C stops a
+blocked read within about 0.1 s: PyAV's FFmpeg interrupt callback, consulted while a read
+waits, compares ``time.monotonic()`` of its module with the read timeout; the decoder gives
+that module a clock that says "timed out" once an interrupt is pending (its SIGINT handler,
+installed while a network input is open in the main thread, records the interrupt), and
+raises ``KeyboardInterrupt`` when the read returns.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import av
+import av.container.core
 import numpy as np
+
+from stores.urls import (
+    NetworkSettings,
+    internal_address,
+    literal_address,
+    scheme_of,
+    url_problem,
+)
 
 # Frames whose times are this close count as reaching a target (float rounding of pts*tb).
 _EPS = 1e-7
@@ -103,23 +128,124 @@ def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
     return float(value * time_base)
 
 
-def _scan_end(path: str, stream_index: int) -> float | None:
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    return message.replace("[Errno ", "[").strip()
+
+
+# ----------------------------------------------------------------------------- network inputs
+
+_interrupted = threading.Event()  # Ctrl-C arrived while a network input was open
+
+
+class _InterruptingClock:
+    """Stands in for the ``time`` module inside ``av.container.core`` (see the module notes):
+    once an interrupt is pending, every timeout has passed."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def monotonic() -> float:
+        return math.inf if _interrupted.is_set() else time.monotonic()
+
+
+def _check_interrupt() -> None:
+    if _interrupted.is_set():
+        _interrupted.clear()
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _ctrl_c_stops_reads() -> Iterator[None]:
+    """While open, Ctrl-C is recorded, breaks FFmpeg's blocked read, and is raised after.
+    Only in the main thread with Python's own handler: a pool worker ignores SIGINT (its
+    parent decides) and a caller with its own handler keeps it."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    if getattr(av.container.core, "time", None) is time:
+        setattr(av.container.core, "time", _InterruptingClock())  # noqa: B010
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: _interrupted.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _check_interrupt()
+
+
+def _host_problem(url: str, network: NetworkSettings) -> str | None:
+    """Why the URL's host may not be reached once its name is resolved, or None."""
+    host = urlsplit(url).hostname
+    if network.allow_private_hosts or not host or literal_address(host):
+        return None  # literal addresses were checked with the URL
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as e:
+        return f"cannot resolve host {host!r} ({_one_line(e)})"
+    internal = sorted({str(info[4][0]) for info in infos if internal_address(str(info[4][0]))})
+    if internal:
+        return (f"host {host!r} resolves to the internal address {internal[0]} "
+                "(internal hosts are refused; --allow-private-hosts allows them)")
+    return None
+
+
+def _open_arguments(path: str, network: NetworkSettings) -> dict[str, Any]:
+    """``av.open`` keywords: local files may use the file protocol only; a URL its allowed
+    schemes (and the transports under them), with timeouts and no reconnects."""
+    scheme = scheme_of(path)
+    if scheme is None:
+        return {"options": {"protocol_whitelist": "file"}}
+    micro = str(round(network.timeout * 1_000_000))
+    options = {"protocol_whitelist": ",".join([*network.schemes, "tcp", "tls"]),
+               "rw_timeout": micro}
+    if scheme in ("http", "https"):
+        options |= {"timeout": micro, "reconnect": "0", "reconnect_streamed": "0",
+                    "reconnect_on_network_error": "0"}
+    return {"options": options, "timeout": (network.timeout, network.timeout)}
+
+
+class _ByteCap:
+    """Bytes read from a network input so far (by the packets' positions), refused past
+    the cap."""
+
+    def __init__(self, network: NetworkSettings | None) -> None:
+        self.limit = network.max_bytes if network is not None else None
+        self.mb = network.max_download_mb if network is not None else 0.0
+        self.read = 0
+
+    def check_size(self, size: int) -> None:
+        if self.limit is not None and size > self.limit:
+            raise VideoError(f"is {size / 2**20:.1f} MB, more than --max-download-mb "
+                             f"{self.mb:g}")
+
+    def count(self, packet: av.Packet) -> None:
+        if self.limit is None:
+            return
+        pos = packet.pos
+        end = pos + packet.size if pos is not None and pos >= 0 else self.read + packet.size
+        self.read = max(self.read, end)
+        if self.read > self.limit:
+            raise VideoError(f"stopped after {self.read / 2**20:.1f} MB: more than "
+                             f"--max-download-mb {self.mb:g}")
+
+
+def _scan_end(path: str, stream_index: int, network: NetworkSettings) -> float | None:
     """The stream's end time from its packets (demuxing only, no decoding)."""
     end = None
-    with av.open(path) as container:
+    cap = _ByteCap(network if scheme_of(path) else None)
+    with av.open(path, **_open_arguments(path, network)) as container:
         stream = container.streams.video[stream_index]
         for packet in container.demux(stream):
+            cap.count(packet)
             if packet.pts is None:
                 continue
             t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
             end = t if end is None else max(end, t)
     return end
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    message = text[0] if text else type(error).__name__
-    return message.replace("[Errno ", "[").strip()
 
 
 def _target_size(width: int, height: int, size: int | None) -> tuple[int, int]:
@@ -142,10 +268,32 @@ class VideoDecoder:
             video.info  # complete after iteration: decode errors, start time
     """
 
-    def __init__(self, path: str | os.PathLike[str], settings: DecodeSettings) -> None:
+    def __init__(self, path: str | os.PathLike[str], settings: DecodeSettings,
+                 network: NetworkSettings | None = None) -> None:
         self.path = str(path)
         self.settings = settings
-        if "://" not in self.path:
+        self.network = network or NetworkSettings()
+        self.url = scheme_of(self.path) is not None
+        self._cap = _ByteCap(self.network if self.url else None)
+        self._stack = ExitStack()
+        try:
+            self.container = self._open()
+            self.stream = self._choose_stream()
+            self._cap.check_size(self.container.size)
+            self.info = self._probe()
+        except BaseException:
+            self.close()
+            raise
+        self._next_target = math.inf  # frames before it cannot be kept; inf: not known yet
+
+    def _open(self) -> av.container.InputContainer:
+        if self.url:
+            problem = url_problem(self.path, self.network) or _host_problem(
+                self.path, self.network)
+            if problem is not None:
+                raise VideoError(problem)
+            self._stack.enter_context(_ctrl_c_stops_reads())
+        else:
             p = Path(self.path)
             if not p.exists():
                 raise VideoError("file not found")
@@ -154,16 +302,18 @@ class VideoDecoder:
             if p.stat().st_size == 0:
                 raise VideoError("empty file (0 bytes)")
         try:
-            self.container = av.open(self.path, metadata_errors="ignore")
+            return av.open(self.path, metadata_errors="ignore",
+                           **_open_arguments(self.path, self.network))
         except av.error.FFmpegError as e:
-            raise VideoError(f"cannot open as a video: {_one_line(e)}") from None
-        try:
-            self.stream = self._choose_stream()
-        except BaseException:
-            self.container.close()
-            raise
-        self.info = self._probe()
-        self._next_target = math.inf  # frames before it cannot be kept; inf: not known yet
+            raise VideoError(self._failure("cannot open as a video", e)) from None
+
+    def _failure(self, what: str, error: av.error.FFmpegError) -> str:
+        """One line for an FFmpeg error; a pending Ctrl-C is raised instead."""
+        _check_interrupt()
+        if self.url and isinstance(error, (av.error.ExitError, av.error.TimeoutError)):
+            return (f"{what}: no answer from the server for {self.network.timeout:g} s "
+                    "(--network-timeout)")
+        return f"{what}: {_one_line(error)}"
 
     def __enter__(self) -> VideoDecoder:
         return self
@@ -172,7 +322,12 @@ class VideoDecoder:
         self.close()
 
     def close(self) -> None:
-        self.container.close()
+        try:
+            container = getattr(self, "container", None)
+            if container is not None:
+                container.close()
+        finally:
+            self._stack.close()
 
     def _choose_stream(self) -> av.VideoStream:
         streams = self.container.streams.video
@@ -214,8 +369,9 @@ class VideoDecoder:
             c_start = (self.container.start_time or 0) / av.time_base
             return c_start + self.container.duration / av.time_base
         try:
-            return _scan_end(self.path, self.settings.stream)
+            return _scan_end(self.path, self.settings.stream, self.network)
         except av.error.FFmpegError:
+            _check_interrupt()
             return None
 
     def _step(self, first_time: float) -> float:
@@ -236,6 +392,8 @@ class VideoDecoder:
         context = self.stream.codec_context
         skipping = False
         for packet in self.container.demux(self.stream):
+            _check_interrupt()
+            self._cap.count(packet)
             before_target = (
                 packet.pts is not None and math.isfinite(self._next_target)
                 and float(packet.pts * packet.time_base) + _EPS < self._next_target
@@ -246,6 +404,7 @@ class VideoDecoder:
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as e:
+                _check_interrupt()
                 where = _seconds(packet.pts, packet.time_base)
                 at = f" at {where:.3f}s" if where is not None else ""
                 errors.append(f"packet{at}: {_one_line(e)}")
@@ -304,7 +463,7 @@ class VideoDecoder:
                     next_target = first_time + (passed + 1) * step
                     self._next_target = next_target
         except av.error.FFmpegError as e:
-            raise VideoError(f"decoding failed: {_one_line(e)}") from None
+            raise VideoError(self._failure("decoding failed", e)) from None
         if self.info.duration is None and math.isfinite(last_time):
             self.info.duration = last_time + fallback_rate - self.info.start_time
         if kept == 0:

@@ -34,16 +34,19 @@ from pipelines.workers import die_with_parent
 from stores import shards
 from stores.errors import UserError
 from stores.manifest import Issue, Manifest, Video, write_manifest
+from stores.urls import NetworkSettings
 
 
 @dataclass(frozen=True)
 class IngestSettings:
-    """Everything that decides what lands in the shards, plus how many workers do it."""
+    """Everything that decides what lands in the shards, plus how many workers do it and
+    what network inputs may be read (``network`` changes no byte of the shards)."""
 
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     jpeg_quality: int = 90
     shard_size: int = 16
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
@@ -54,7 +57,7 @@ class IngestSettings:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
 
     def output_settings(self) -> dict[str, Any]:
-        """The settings that change the shards' bytes (not workers or threads)."""
+        """The settings that change the shards' bytes (not workers, threads or network)."""
         decode = self.decode.as_dict()
         decode.pop("threads")
         return {**decode, "jpeg_quality": self.jpeg_quality, "shard_size": self.shard_size}
@@ -146,7 +149,7 @@ def _ingest_video(
     times: list[float] = []
     t_decode = t_encode = 0.0
     mark = time.perf_counter()
-    with VideoDecoder(video.path, settings.decode) as decoder:
+    with VideoDecoder(video.path, settings.decode, settings.network) as decoder:
         for candidate in decoder.candidates():
             now = time.perf_counter()
             t_decode += now - mark

@@ -29,6 +29,7 @@ from typing import Any
 
 from stores.errors import UserError
 from stores.ids import id_problem
+from stores.urls import NetworkSettings, is_url, url_problem
 
 VIDEO_FIELDS = {"type", "id", "path", "duration", "split"}
 QUESTION_FIELDS = {
@@ -149,17 +150,21 @@ def _check_id(value: Any, name: str, *, allow_dot: bool = True) -> str:
 
 
 def _resolve_path(path: str, base: Path | None) -> str:
-    if "://" in path or base is None:
+    if is_url(path) or base is None:
         return path
     p = Path(os.path.expanduser(path))
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _parse_video(row: dict[str, Any], base: Path | None) -> Video:
+def _parse_video(row: dict[str, Any], base: Path | None,
+                 network: NetworkSettings | None) -> Video:
     vid = _check_id(_require(row, "id"), "id", allow_dot=False)
     path = _require(row, "path")
     if not isinstance(path, str) or not path:
         raise _RowError("path", f"must be a non-empty string, got {path!r}")
+    problem = url_problem(path, network) if network is not None else None
+    if problem is not None:
+        raise _RowError("path", problem)
     duration = row.get("duration")
     if duration is not None:
         duration = _number(duration, "duration")
@@ -221,12 +226,15 @@ def _kind(row: dict[str, Any]) -> str:
 
 
 def build_manifest(
-    rows: Iterable[tuple[str, dict[str, Any]]], base: Path | None = None
+    rows: Iterable[tuple[str, dict[str, Any]]], base: Path | None = None,
+    network: NetworkSettings | None = None,
 ) -> Manifest:
     """Validate ``(where, row)`` pairs into a :class:`Manifest`.
 
     ``where`` names the row's origin (``file:line``) for issues. Videos are read first, so
-    a question may come before its video. Relative paths resolve against ``base``.
+    a question may come before its video. Relative paths resolve against ``base``. With
+    ``network``, a video path that is a URL it does not allow (``stores.urls``) is an issue;
+    readers that never open the videos leave it out.
     Importers of other formats build their rows and call this, so every source gets the
     same checks.
     """
@@ -244,7 +252,7 @@ def build_manifest(
     for kind, where, row in typed:
         try:
             if kind == "video":
-                video = _parse_video(row, base)
+                video = _parse_video(row, base, network)
                 if video.id in videos:
                     raise _RowError("id", f"duplicate video id {video.id!r}")
                 videos[video.id] = video
@@ -275,8 +283,10 @@ def sort_issues(issues: Iterable[Issue]) -> list[Issue]:
     return sorted(issues, key=order)
 
 
-def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and validate a JSONL manifest; bad rows become issues, good rows load."""
+def read_manifest(path: str | os.PathLike[str],
+                  network: NetworkSettings | None = None) -> Manifest:
+    """Read and validate a JSONL manifest; bad rows become issues, good rows load. With
+    ``network``, video URLs are checked against it (see ``build_manifest``)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: manifest not found")
@@ -294,7 +304,7 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
                     unreadable.append(Issue(f"{p}:{number}", "row", reason))
     except UnicodeDecodeError as e:
         raise UserError(f"{p}: not a UTF-8 text file ({e.reason})") from None
-    manifest = build_manifest(rows, base=p.resolve().parent)
+    manifest = build_manifest(rows, base=p.resolve().parent, network=network)
     manifest.issues = sort_issues(unreadable + manifest.issues)
     return manifest
 

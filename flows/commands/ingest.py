@@ -11,6 +11,8 @@ from flows.options import (
     EXIT_FAILURES,
     EXIT_OK,
     add_command,
+    add_network_options,
+    network_settings,
     non_negative_float,
     non_negative_int,
     number,
@@ -44,11 +46,12 @@ def add(sub: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  refocus ingest videos/ --out data/shards\n"
             "  refocus ingest corpus.jsonl --out data/shards --fps 2 --max-frames 256\n"
-            "  refocus ingest clip.mp4 --out exact/ --fps 0 --size 0   # every frame, full size"
+            "  refocus ingest clip.mp4 --out exact/ --fps 0 --size 0   # every frame, full size\n"
+            "  refocus ingest https://example.org/clip.mp4 --out data/shards --network-timeout 60"
         ),
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="video files, folders of videos (recursive), or .jsonl manifests")
+                   help="video files or URLs, folders of videos (recursive), or .jsonl manifests")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     add_candidate_options(p)
     p.add_argument("--jpeg-quality", type=number(int, 1, 100), default=90, metavar="Q",
@@ -65,6 +68,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="decoder threads per worker (0: cores / busy workers)")
     p.add_argument("--retry-failed", action="store_true",
                    help="redo finished shards that recorded failed videos")
+    add_network_options(p)
     p.set_defaults(run=_run_ingest)
 
 
@@ -75,8 +79,9 @@ def _run_ingest(args: argparse.Namespace) -> int:
             stream=args.stream, threads=args.threads, max_decode_errors=args.max_decode_errors,
         ),
         jpeg_quality=args.jpeg_quality, shard_size=args.shard_size, workers=args.workers,
+        network=network_settings(args),
     )
-    manifest = importers.from_inputs(list(args.inputs))
+    manifest = importers.from_inputs(list(args.inputs), settings.network)
     with console.progress_bar("ingest", "videos") as bar:
         task = bar.add_task("ingest", total=None, detail="")
         frames = 0
