@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from stores import importers
 from stores.index import IndexSettings
 from stores.manifest import Manifest, Video, merge, read_manifest
 from stores.shards import MANIFEST_FILE, shard_name
+from stores.urls import NetworkSettings
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -101,7 +103,7 @@ def ingest_flow(inputs: list[str], out: str, settings: IngestSettings | None = N
     """Videos, folders or manifests → frame shards under ``out``."""
     o = orchestration or Orchestration()
     settings = settings or IngestSettings(workers=o.workers)
-    manifest = importers.from_inputs(list(inputs))
+    manifest = importers.from_inputs(list(inputs), settings.network)
     with flow_record(out, "ingest", {"inputs": list(inputs), "out": out,
                                      "settings": settings.output_settings(),
                                      "orchestration": o.as_dict()}) as record:
@@ -175,16 +177,18 @@ def _embed(shards: str, out: str, model: str, pretrained: str | None,
 def preprocess_flow(inputs: list[str], root: str, fps: float = 4.0, max_frames: int = 512,
                     size: int = 384, shard_size: int = 16, model: str = SYNTH_ENCODER,
                     pretrained: str | None = None, batch_size: int = 64, index: bool = True,
-                    retries: int = 3) -> dict[str, Any]:
+                    retries: int = 3, network: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flow to schedule: the videos under ``inputs`` → ROOT/shards → ROOT/features.
     Each run finishes what earlier runs left (finished shards are skipped); the plan is fixed
     by the first run, so a grown corpus goes to a new ROOT. Plain parameters only, so a
-    deployment can carry them; the task runner comes from ``with_runner``."""
+    deployment can carry them (``network``: ``NetworkSettings`` fields); the task runner comes
+    from ``with_runner``."""
     o = Orchestration(retries=retries)
     settings = IngestSettings(decode=DecodeSettings(fps=fps or None, max_frames=max_frames or None,
-                                                    size=size or None), shard_size=shard_size)
+                                                    size=size or None), shard_size=shard_size,
+                              network=NetworkSettings(**(network or {})))
     embed_settings = EmbedSettings(batch_size=batch_size, index=IndexSettings() if index else None)
-    manifest = importers.from_inputs(list(inputs))
+    manifest = importers.from_inputs(list(inputs), settings.network)
     shards, features = str(Path(root) / "shards"), str(Path(root) / "features")
     with flow_record(root, "preprocess", {"inputs": list(inputs), "root": root, "fps": fps,
                                           "max_frames": max_frames, "size": size,
@@ -310,7 +314,7 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
     o = orchestration or Orchestration()
     settings = settings or ScoreSettings()
     started = time.perf_counter()
-    manifest = importers.from_inputs(list(inputs))
+    manifest = importers.from_inputs(list(inputs), settings.network)
     check_questions(manifest)
     trained = find_policy(policy)
     root = Path(out)
@@ -319,7 +323,8 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
                                     "orchestration": o.as_dict()}) as record:
         tick = time.perf_counter()
         ingested = _ingest(manifest, str(root / SHARDS),
-                           ingest_settings(trained, o.workers), False, o, record)
+                           replace(ingest_settings(trained, o.workers), network=settings.network),
+                           False, o, record)
         seconds = {"ingest": time.perf_counter() - tick}
         tick = time.perf_counter()
         model, pretrained = encoder_args(trained, settings)

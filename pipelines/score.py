@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from stores.ids import safe_component
 from stores.manifest import Manifest
 from stores.selections import FrameSelection, SelectionsMeta, write_selections
 from stores.shards import ShardSet
+from stores.urls import NetworkSettings
 
 EXPORTS = ("none", "jpeg", "webdataset")
 SHARDS, FEATURES = "shards", "features"  # under the output folder
@@ -47,6 +48,7 @@ class ScoreSettings:
     device: str | None = None
     questions_per_batch: int = 64
     export_shard_size: int = 256  # questions per WebDataset shard
+    network: NetworkSettings = field(default_factory=NetworkSettings)  # video URLs
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -176,7 +178,8 @@ def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os
     seconds: dict[str, float] = {}
     tick = time.perf_counter()
     say("ingest …")
-    ingested = ingest(manifest, root / SHARDS, ingest_settings(policy, settings.ingest_workers))
+    ingested = ingest(manifest, root / SHARDS, replace(
+        ingest_settings(policy, settings.ingest_workers), network=settings.network))
     seconds["ingest"] = time.perf_counter() - tick
     tick = time.perf_counter()
     say("embed …")

@@ -14,11 +14,14 @@ from flows.options import (
     EXIT_FAILURES,
     EXIT_OK,
     add_command,
+    add_network_options,
+    network_settings,
     non_negative_float,
     non_negative_int,
     positive_int,
 )
 from stores.errors import UserError
+from stores.urls import is_url
 
 STARTUP_TIMEOUT = "90"  # Prefect's temporary server takes 11–19 s to start on a small machine
 
@@ -52,6 +55,7 @@ def _preprocess_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
                    help="frames per encoder forward")
     p.add_argument("--no-index", action="store_true", help="do not build the FAISS index")
+    add_network_options(p)
 
 
 def add_flow(sub: argparse._SubParsersAction) -> None:
@@ -90,6 +94,7 @@ def add_flow(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--out", required=True, type=Path, metavar="DIR")
     sc.add_argument("--export", choices=("none", "jpeg", "webdataset"), default="none")
     sc.add_argument("--device", default=None)
+    add_network_options(sc)
     _runner_options(sc)
     sc.set_defaults(run=_run_score)
 
@@ -159,11 +164,13 @@ def _orchestration(args: argparse.Namespace) -> Any:
 
 
 def _preprocess_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    return {"inputs": [str(Path(i).resolve()) if "://" not in i else i for i in args.inputs],
+    return {"inputs": [i if is_url(i) and not Path(i).exists() else str(Path(i).resolve())
+                       for i in args.inputs],
             "root": str(args.root.resolve()), "fps": args.fps, "max_frames": args.max_frames,
             "size": args.size, "shard_size": args.shard_size, "model": args.model,
             "pretrained": args.pretrained, "batch_size": args.batch_size,
-            "index": not args.no_index, "retries": args.retries}
+            "index": not args.no_index, "retries": args.retries,
+            "network": network_settings(args).as_dict()}
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
@@ -194,7 +201,8 @@ def _run_score(args: argparse.Namespace) -> int:
     from pipelines.score import ScoreSettings
 
     o = _orchestration(args)
-    settings = ScoreSettings(k=args.k, export=args.export, device=args.device)
+    settings = ScoreSettings(k=args.k, export=args.export, device=args.device,
+                             network=network_settings(args))
     summary = with_runner(score_flow, o)([str(i) for i in args.inputs], str(args.policy),
                                          str(args.out), settings, orchestration=o)
     print_score_summary(summary)

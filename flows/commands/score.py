@@ -7,7 +7,15 @@ import os
 from pathlib import Path
 
 from flows import console
-from flows.options import EXIT_FAILURES, EXIT_OK, add_command, non_negative_int, positive_int
+from flows.options import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    add_command,
+    add_network_options,
+    network_settings,
+    non_negative_int,
+    positive_int,
+)
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +55,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
                    help="frames per encoder forward")
     p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    add_network_options(p)
     p.set_defaults(run=_run_score)
 
 
@@ -58,8 +67,9 @@ def _run_score(args: argparse.Namespace) -> int:
     settings = ScoreSettings(
         k=args.k, export=args.export, ingest_workers=args.workers,
         embed=EmbedSettings(batch_size=args.batch_size, workers=args.embed_workers, index=None),
-        model=args.model, pretrained=args.pretrained, device=args.device)
-    manifest = importers.from_inputs(list(args.inputs))
+        model=args.model, pretrained=args.pretrained, device=args.device,
+        network=network_settings(args))
+    manifest = importers.from_inputs(list(args.inputs), settings.network)
     with console.err.status("scoring …") as status:
         summary = score(manifest, args.policy, args.out, settings,
                         say=lambda line: status.update(line))
