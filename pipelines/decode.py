@@ -20,7 +20,8 @@ Rotation metadata (the display matrix) is honoured by turning the picture uprigh
 Network inputs (``stores.urls``): the decoder checks the URL again (scheme, and the
 addresses its host resolves to) before FFmpeg sees it, and opens it with connect/read
 timeouts (FFmpeg's ``rw_timeout`` and http ``timeout``, and PyAV's ``timeout``, per read), no
-reconnects, and a byte cap (the declared size, then the bytes read so far). Ctrl-C stops a
+reconnects, no redirects while internal hosts are refused (a redirect could lead to one), and a
+byte cap (the declared size, then the bytes read so far). Ctrl-C stops a
 blocked read within about 0.1 s: PyAV's FFmpeg interrupt callback, consulted while a read
 waits, compares ``time.monotonic()`` of its module with the read timeout; the decoder gives
 that module a clock that says "timed out" once an interrupt is pending (its SIGINT handler,
@@ -30,6 +31,7 @@ raises ``KeyboardInterrupt`` when the read returns.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -205,6 +207,8 @@ def _open_arguments(path: str, network: NetworkSettings) -> dict[str, Any]:
     if scheme in ("http", "https"):
         options |= {"timeout": micro, "reconnect": "0", "reconnect_streamed": "0",
                     "reconnect_on_network_error": "0"}
+        if not network.allow_private_hosts:  # a redirect could lead to an internal host
+            options["max_redirects"] = "0"
     return {"options": options, "timeout": (network.timeout, network.timeout)}
 
 
@@ -313,6 +317,10 @@ class VideoDecoder:
         if self.url and isinstance(error, (av.error.ExitError, av.error.TimeoutError)):
             return (f"{what}: no answer from the server for {self.network.timeout:g} s "
                     "(--network-timeout)")
+        redirects = "max_redirects" in _open_arguments(self.path, self.network)["options"]
+        if redirects and getattr(error, "errno", None) == errno.EIO:
+            return (f"{what}: {_one_line(error)} (redirects are not followed while internal "
+                    "hosts are refused; --allow-private-hosts follows them)")
         return f"{what}: {_one_line(error)}"
 
     def __enter__(self) -> VideoDecoder:
