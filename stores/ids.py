@@ -122,5 +122,6 @@ def export_keys(values: Iterable[str]) -> dict[str, str]:
         if key in owner:
             raise ValueError(f"ids {owner[key]!r} and {value!r} both export as {key!r}; "
                              "rename one of them")
-        keys[value] = owner[key] = key
+        keys[value] = key
+        owner[key] = value
     return keys
