@@ -17,6 +17,10 @@ The question id is ``id``, the category ``question_category``, the video's durat
 The video is ``<video_root>/<video_path>``; when that file is not there it is looked up by
 file stem under ``video_root`` (recursively), and when that fails too the row keeps the path
 ``<video_root>/<video_path>`` and fails at decode time, recorded like any broken video.
+A ``video_path`` that is absolute or climbs out of ``video_root`` with ``..`` is an issue (an
+annotation file must not make refocus read any file on the machine), and so is a
+``video_id`` that becomes the same video id as another one once made safe (``a.b``,
+``a_b``); a changed id keeps the dataset's own in the video's ``original_id``.
 Issues name the row as ``file:index``, its 0-based position in the list.
 """
 

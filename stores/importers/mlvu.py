@@ -13,7 +13,10 @@ Video ids are the file stems made safe (dots become ``_``); the category is
 ``question_type``; ``duration`` is the video's. Videos are looked up under ``video_root`` by
 file stem (recursively: the dataset ships them in one folder per task); a video that is not
 found keeps the path ``<video_root>/<video>`` and fails at decode time, recorded like any
-broken video. Issues name the row as ``file:index``.
+broken video. A ``video`` that is absolute or climbs out of ``video_root`` with ``..`` is an
+issue, and so are two file stems that become the same video id once made safe (``a.b``,
+``a_b``); a changed id keeps the stem in the video's ``original_id``. Issues name the row as
+``file:index``.
 """
 
 from __future__ import annotations
