@@ -20,9 +20,8 @@ video that is not found keeps the path ``<video_root>/<videoID>.mp4`` and fails 
 time, recorded like any broken video. A ``videoID`` that is absolute or climbs out of
 ``video_root`` is an issue, and so are two that become the same video id once made safe (a
 changed id keeps the ``videoID`` in the video's ``original_id``). Issues name the row as
-``file:N`` where N is the line
-of a ``.jsonl`` file and the 0-based position of the row in a ``.json`` list or a parquet
-table.
+``file:N`` where N is the line of a ``.jsonl`` file and the 0-based position of the row in a
+``.json`` list or a parquet table.
 
 """
 
