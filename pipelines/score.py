@@ -27,9 +27,13 @@ from refocus.selectors import Learned
 from stores import shards as shard_files
 from stores.errors import UserError
 from stores.features import FeatureStore
-from stores.ids import safe_component
 from stores.manifest import Manifest
-from stores.selections import FrameSelection, SelectionsMeta, write_selections
+from stores.selections import (
+    FrameSelection,
+    SelectionsMeta,
+    export_keys,
+    write_selections,
+)
 from stores.shards import ShardSet
 from stores.urls import NetworkSettings
 
@@ -126,9 +130,36 @@ def select(features: str | os.PathLike[str], manifest_paths: list[Path], policy_
     return rows
 
 
+JPEG_FRAMES = ("[0-9]*_*s.jpg", "*.tmp", "selection.json")  # what a question's
+# export folder holds; cleared before it is written again
+
+
+def _clear_made(folder: Path, patterns: tuple[str, ...]) -> None:
+    """Delete the files in ``folder`` that match ``patterns`` (what export writes there)."""
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+
+
+def _remove_stale_shards(out: Path, count: int) -> None:
+    """Delete WebDataset export shards (and their markers) numbered ``count`` and above,
+    left by an earlier export of more questions."""
+    made = [p.name for pattern in ("shard-??????.tar", "shard-??????.done.json")
+            for p in out.glob(pattern)]
+    for index in sorted({int(name[6:12]) for name in made}):
+        if index >= count:
+            shard_files.remove_shard(out, index)
+
+
 def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind: str,
                   shard_size: int = 256) -> int:
-    """Copy the chosen JPEGs out of the frame shards (no re-encoding); returns frames."""
+    """Copy the chosen JPEGs out of the frame shards (no re-encoding); returns frames.
+
+    Each question's frames go under its export key (``stores.selections.export_keys``): a
+    JPEG folder, cleared of earlier frames first, or a WebDataset sample; WebDataset shards
+    of an earlier, larger export are removed."""
+    keys = export_keys(rows)
     source = ShardSet(shards_dir)
     lookup = source.lookup()
     written = 0
@@ -142,8 +173,9 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
 
     if kind == "jpeg":
         for row in rows:
-            folder = out / safe_component(row.qid)
+            folder = out / keys[row.qid]
             folder.mkdir(parents=True, exist_ok=True)
+            _clear_made(folder, JPEG_FRAMES)
             for rank, (jpeg, t) in enumerate(zip(chosen(row), row.timestamps, strict=True)):
                 path = folder / f"{rank:03d}_{t:010.3f}s.jpg"
                 tmp = path.with_name(path.name + ".tmp")
@@ -153,12 +185,14 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
             shard_files.write_json_atomic(folder / "selection.json", row.__dict__)
     elif kind == "webdataset":
         out.mkdir(parents=True, exist_ok=True)
-        for index, start in enumerate(range(0, len(rows), shard_size)):
+        starts = range(0, len(rows), shard_size)
+        _remove_stale_shards(out, len(starts))
+        for index, start in enumerate(starts):
             writer = shard_files.ShardWriter(out, index)
             try:
                 for row in rows[start:start + shard_size]:
                     jpegs = chosen(row)
-                    writer.add(safe_component(row.qid), dict(row.__dict__), jpegs)
+                    writer.add(keys[row.qid], dict(row.__dict__), jpegs)
                     written += len(jpegs)
                 writer.commit({"questions": len(writer.samples)})
             except BaseException:

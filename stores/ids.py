@@ -1,21 +1,37 @@
-"""Validation of ids that become file names and keys.
+"""Validation of ids that become file names and keys, and the ids refocus derives.
 
 Video ids name WebDataset samples and Zarr rows, question ids name records in run
-outputs; both must be safe to use as a path component and as a tar member prefix.
+outputs and export folders; both must be safe to use as a path component and as a tar
+member prefix. Shards are written with PAX headers (``stores/shards.py``), so any id this
+module accepts (up to :data:`MAX_ID_BYTES` bytes of UTF-8) can be written: the tar format
+sets no lower limit.
+
+Ids refocus derives itself (from file names and dataset paths, ``safe_component``; export
+keys from question ids, ``export_key``) are deterministic, shorter than that limit, and keep
+two different originals apart: a shortened or rewritten id carries a short hash of its
+original.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+
 MAX_ID_BYTES = 200
+# Derived ids stay well under MAX_ID_BYTES: an importer makes question ids from video ids
+# (MLVU: ``<video id>_<task>_<index>``), and these must still be valid.
+DERIVED_ID_BYTES = 120
+HASH_CHARS = 10
 
 
 def id_problem(value: object, *, allow_dot: bool = True) -> str | None:
     """Return why ``value`` is not a usable id, or None when it is fine.
 
-    Refused: non-strings, the empty string, ``/``, ``\\``, ``..``, NUL and other control
-    characters, leading or trailing whitespace, and more than 200 bytes of UTF-8.
-    ``allow_dot=False`` also refuses ``.``, which WebDataset reads as the start of a
-    member's extension (video ids are shard keys).
+    Refused: non-strings, the empty string, ``.``, ``/``, ``\\``, ``..``, NUL and other
+    control characters, text that is not valid Unicode (lone surrogates, which a JSON
+    ``\\ud800`` escape can make), leading or trailing whitespace, and more than 200 bytes of
+    UTF-8. ``allow_dot=False`` also refuses any ``.``, which WebDataset reads as the start of
+    a member's extension (video ids are shard keys).
     """
     if not isinstance(value, str):
         return f"must be a string, got {type(value).__name__}"
@@ -25,8 +41,12 @@ def id_problem(value: object, *, allow_dot: bool = True) -> str | None:
         return "must not contain '/' or '\\' (ids become file names)"
     if ".." in value:
         return "must not contain '..' (ids become file names)"
+    if value == ".":
+        return "must not be '.' (ids become file names)"
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return "must not contain NUL or control characters"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return "must be valid Unicode text (it holds a lone surrogate such as \\ud800)"
     if value != value.strip():
         return "must not start or end with whitespace"
     if not allow_dot and "." in value:
@@ -44,15 +64,64 @@ def check_id(value: object, *, what: str = "id", allow_dot: bool = True) -> str:
     return value  # type: ignore[return-value]
 
 
-def safe_component(value: str) -> str:
-    """Turn an arbitrary string (a file stem, say) into a valid video id.
+def short_hash(value: str) -> str:
+    """A short, stable digest of ``value`` (hex), to tell apart ids that look alike."""
+    data = value.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()[:HASH_CHARS]
 
-    Path separators become ``__``, dots and control characters ``_``; the result is cut
-    to the byte limit. Used by importers that derive ids from file names.
-    """
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, at a character boundary."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def _sanitise(value: str) -> str:
     out = value.replace("/", "__").replace("\\", "__")
-    out = "".join("_" if (ord(c) < 32 or ord(c) == 127 or c == ".") else c for c in out).strip()
-    out = out or "_"
-    while len(out.encode("utf-8")) > MAX_ID_BYTES:
-        out = out[:-1]
+    out = "".join(
+        "_" if (ord(c) < 32 or ord(c) == 127 or c == "." or 0xD800 <= ord(c) <= 0xDFFF) else c
+        for c in out
+    ).strip()
+    return out or "_"
+
+
+def safe_component(value: str, limit: int = DERIVED_ID_BYTES) -> str:
+    """Turn an arbitrary string (a file stem, a nested path) into a valid video id.
+
+    Path separators become ``__``, dots, control characters and lone surrogates ``_``. A
+    result longer than ``limit`` bytes is cut and gets ``-`` and a short hash of the whole
+    of ``value``, so two long names that share a beginning stay apart and the same name
+    always gives the same id. Used by importers that derive ids from file names; different
+    names that only differ in what is replaced (``a.b``, ``a_b``) give the same id, which
+    the importers report."""
+    out = _sanitise(value)
+    if len(out.encode("utf-8")) > limit:
+        out = _cut(out, limit - HASH_CHARS - 1).rstrip() + "-" + short_hash(value)
     return out
+
+
+def export_key(value: str) -> str:
+    """A WebDataset key and folder name for the id ``value`` (a question id): ``value``
+    itself when it is a valid dot-free id, else ``safe_component(value)`` with ``-`` and a
+    short hash of ``value`` (``q.1`` → ``q_1-…``), so ids that only differ in such characters
+    get different keys."""
+    if id_problem(value, allow_dot=False) is None:
+        return value
+    base = safe_component(value, MAX_ID_BYTES - HASH_CHARS - 1)
+    return f"{base}-{short_hash(value)}"
+
+
+def export_keys(values: Iterable[str]) -> dict[str, str]:
+    """``export_key`` of each distinct value; raises ValueError naming two values whose keys
+    are the same (only an id chosen to look like another's key can do that)."""
+    keys: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for value in values:
+        if value in keys:
+            continue
+        key = export_key(value)
+        if key in owner:
+            raise ValueError(f"ids {owner[key]!r} and {value!r} both export as {key!r}; "
+                             "rename one of them")
+        keys[value] = key
+        owner[key] = value
+    return keys

@@ -177,6 +177,8 @@ def _parse_video(row: dict[str, Any], base: Path | None,
 def _parse_question(row: dict[str, Any], videos: dict[str, Video]) -> Question:
     qid = _check_id(_require(row, "qid"), "qid")
     video_id = _require(row, "video_id")
+    if not isinstance(video_id, str):
+        raise _RowError("video_id", f"must be a string, got {type(video_id).__name__}")
     if video_id not in videos:
         raise _RowError("video_id", f"unknown video {video_id!r} (no video row with this id)")
     text = _require(row, "question")

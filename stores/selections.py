@@ -15,6 +15,11 @@ question) and ``selections.parquet`` (list columns). Fields:
 
 ``selections.json`` beside them records the policy, the budget and the folders the frames
 can be read from (``shards``), so a reader needs nothing else.
+
+Exported frames (``refocus score --export``) are filed under each question's export key
+(:func:`export_keys`): its qid, or for a qid holding a ``.`` (which WebDataset reads as the
+start of an extension) the qid made safe plus a short hash of it (``q.1`` → ``q_1-…``), so
+two questions never share a folder or a sample key.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stores import ids
 from stores.errors import UserError
 from stores.shards import write_json_atomic
 
@@ -52,6 +58,15 @@ class FrameSelection:
                              "have the same length")
         if any(b < a for a, b in zip(self.timestamps, self.timestamps[1:], strict=False)):
             raise ValueError(f"{self.qid}: timestamps must be in time order")
+
+
+def export_keys(rows: list[FrameSelection]) -> dict[str, str]:
+    """qid → the folder name and WebDataset key of its exported frames, one per question;
+    two qids that would share one are refused, naming both."""
+    try:
+        return ids.export_keys(r.qid for r in rows)
+    except ValueError as e:
+        raise UserError(f"cannot export frames: question {e}") from None
 
 
 @dataclass(frozen=True)

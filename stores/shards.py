@@ -87,10 +87,35 @@ class SampleLocation:
     frames: int
 
 
+def _member_bytes(name: str, data: bytes) -> bytes:
+    """One tar member (header and data padded to whole blocks), as ``TarFile.addfile``
+    writes it. PAX format: a name longer than 100 bytes or not ASCII goes into a PAX ``path``
+    record, the only record written (uid, gid, mtime and size fit their fields, so none of
+    them gets one); a short ASCII name gives the same bytes as plain USTAR."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return header + data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def sample_bytes(key: str, meta: dict[str, Any], frames: Sequence[bytes]) -> bytes:
+    """The members of sample ``key``: ``<key>.json`` first, then its frames in order."""
+    parts = [_member_bytes(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))]
+    for i, jpeg in enumerate(frames):
+        if not isinstance(jpeg, (bytes, bytearray, memoryview)):
+            raise TypeError(f"sample {key!r}: frame {i} is {type(jpeg).__name__}, not bytes")
+        parts.append(_member_bytes(f"{key}.{frame_member(i)}", bytes(jpeg)))
+    return b"".join(parts)
+
+
 class ShardWriter:
     """Write one shard. ``add`` appends a whole sample; ``commit`` makes the shard visible.
 
     Members get fixed metadata (mtime 0, root owner), so the same inputs give the same bytes.
+    A sample is built in memory and written at once: one that fails (a frame that is not
+    bytes, a full disk) leaves nothing of itself in the shard.
     """
 
     def __init__(self, directory: Path, index: int) -> None:
@@ -100,33 +125,35 @@ class ShardWriter:
         self.tmp_path = directory / (shard_name(index) + ".tmp")
         # Held open across add() calls and closed by commit() or abort().
         self._file = open(self.tmp_path, "wb")  # noqa: SIM115
-        self._tar = tarfile.open(  # noqa: SIM115
-            fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT
-        )
+        self._offset = 0
         self.samples: list[SampleLocation] = []
-
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o644
-        self._tar.addfile(info, io.BytesIO(data))
 
     def add(self, key: str, meta: dict[str, Any], frames: Sequence[bytes]) -> SampleLocation:
         """Append the sample ``key``: ``<key>.json`` first, then its frames in order."""
-        start = self._tar.offset
-        self._member(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-        for i, jpeg in enumerate(frames):
-            self._member(f"{key}.{frame_member(i)}", jpeg)
+        data = sample_bytes(key, meta, frames)
+        start = self._offset
+        try:
+            self._file.write(data)
+        except BaseException:
+            self._file.seek(start)
+            self._file.truncate()
+            raise
+        self._offset = start + len(data)
         location = SampleLocation(
-            key, self.path.name, len(self.samples), start, self._tar.offset, len(frames)
+            key, self.path.name, len(self.samples), start, self._offset, len(frames)
         )
         self.samples.append(location)
         return location
 
+    def _finish_archive(self) -> None:
+        """The end-of-archive blocks and the padding to a whole record, as ``tarfile``
+        writes them on close."""
+        end = self._offset + 2 * tarfile.BLOCKSIZE
+        self._file.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+
     def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
         """Close, flush to disk, rename into place, then write the done marker (last)."""
-        self._tar.close()
+        self._finish_archive()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -145,7 +172,6 @@ class ShardWriter:
         return marker
 
     def abort(self) -> None:
-        self._tar.close()
         self._file.close()
         self.tmp_path.unlink(missing_ok=True)
 

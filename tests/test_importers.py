@@ -1,9 +1,11 @@
 import csv
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from flows.cli import main
 from stores.errors import UserError
 from stores.importers import from_inputs, import_folder, import_nextgqa, import_nextqa
 from stores.manifest import read_manifest, write_manifest
@@ -130,3 +132,84 @@ def test_inputs_combine_files_folders_and_manifests(tmp_path, videos):
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(UserError, match="refocus import"):
         from_inputs([str(tmp_path / "a.csv")])
+
+
+# --- encodings, symlink loops, long nested names, relative --videos ------------------------
+
+NEXTQA_HEADER = "video_id,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4"
+
+
+def nextqa_line(vid: str, question: str = "what is the man doing") -> str:
+    return f"{vid},10,64,48,{question},waves,0,CW,waves,sits,runs,eats,sleeps"
+
+
+def test_a_latin1_nextqa_csv_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "val.csv"
+    path.write_bytes("\n".join([NEXTQA_HEADER, nextqa_line("1", "why is the café shut"), ""])
+                     .encode("latin-1"))
+    with pytest.raises(UserError) as caught:
+        import_nextqa(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not UTF-8 text (byte 0xe9 on line 2")
+    assert "\n" not in message and "iconv" in message
+
+
+def test_a_nextqa_csv_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "val.csv"
+    path.write_text("\n".join([NEXTQA_HEADER, nextqa_line("1", "why is the café shut"), ""]),
+                    encoding="utf-8-sig")
+    m = import_nextqa(path)
+    assert m.issues == [] and [q.question for q in m.questions] == ["why is the café shut"]
+
+
+def test_a_nextqa_video_id_that_leaves_the_videos_folder_is_one_issue(tmp_path):
+    path = tmp_path / "val.csv"
+    path.write_text("\n".join([NEXTQA_HEADER, nextqa_line("../../etc/x"), nextqa_line("2"),
+                               nextqa_line("/abs"), ""]))
+    m = import_nextqa(path, video_root=tmp_path / "videos")
+    assert [i.where for i in m.issues] == [f"{path}:2", f"{path}:4"]  # one line per row
+    assert [i.field for i in m.issues] == ["video_id", "video_id"]
+    assert [v.id for v in m.videos] == ["2"]
+
+
+def test_a_symlink_loop_in_a_folder_is_one_issue_and_the_rest_lands(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.mp4").write_bytes(b"")
+    (tmp_path / "loop.mp4").symlink_to("loop.mp4")
+    (tmp_path / "sub" / "up").symlink_to("..")  # a folder loop, not followed
+    m = import_folder(tmp_path)
+    assert [v.id for v in m.videos] == ["a", "sub__b"]
+    assert [str(i) for i in m.issues] == [
+        f"{tmp_path / 'loop.mp4'}: path: symbolic link loop (it leads back to itself); left out"]
+    # given by name, the loop used to end the import with a traceback
+    loose = from_inputs([str(tmp_path / "loop.mp4"), str(tmp_path / "a.mp4")])
+    assert [v.id for v in loose.videos] == ["a"] and len(loose.issues) == 1
+
+
+def test_long_nested_folder_names_give_short_distinct_ids_with_the_full_path_kept(tmp_path):
+    nested = Path(*["a_rather_long_dataset_folder_name"] * 7)  # 230 bytes of folders
+    for name in ("clip_one.mp4", "clip_two.mp4"):
+        (tmp_path / nested / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / nested / name).write_bytes(b"")
+    m = import_folder(tmp_path)
+    assert m.issues == []
+    for video, name in zip(m.videos, ("clip_one", "clip_two"), strict=True):
+        original = (nested / name).as_posix()
+        digest = hashlib.sha256(original.encode()).hexdigest()[:10]
+        assert video.id.startswith("a_rather_long_dataset_folder_name__a_rather")
+        assert video.id.endswith(f"-{digest}") and len(video.id.encode()) <= 120
+        assert video.path == str(tmp_path / nested / f"{name}.mp4")  # the original, whole
+
+
+def test_cli_import_writes_videos_given_relative_to_the_current_folder_as_found(
+        tmp_path, monkeypatch):
+    (tmp_path / "NExTVideo" / "1021").mkdir(parents=True)
+    (tmp_path / "NExTVideo" / "1021" / "7.mp4").write_bytes(b"")
+    (tmp_path / "val.csv").write_text("\n".join([NEXTQA_HEADER, nextqa_line("7"), ""]))
+    monkeypatch.chdir(tmp_path)
+    code = main(["import", "nextqa", "val.csv", "--videos", "NExTVideo",
+                 "-o", "manifests/nextqa.jsonl"])
+    assert code == 0
+    [video] = read_manifest(tmp_path / "manifests" / "nextqa.jsonl").videos
+    assert video.path == str(tmp_path / "NExTVideo" / "1021" / "7.mp4")

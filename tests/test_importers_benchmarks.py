@@ -346,3 +346,80 @@ def test_cli_import_mlvu(tmp_path, mlvu_files, capsys):
     assert code == EXIT_FAILURES
     assert "3 videos, 4 questions, 5 rows left out" in capsys.readouterr().out
     same_as_written(import_mlvu(files, videos), out)
+
+
+# --- annotation paths, sanitised collisions, relative --videos (all three importers) -------
+
+def importer_files(kind: str, folder: Path, names: list[str]) -> Path:
+    """A one-question-per-video annotation file of ``kind`` naming the videos ``names``."""
+    if kind == "videomme":
+        rows = [videomme_row(i, name, f"{i:03d}-1", "A") for i, name in enumerate(names)]
+        return write_json(folder / "videomme.json", rows)
+    if kind == "longvideobench":
+        rows = [lvb_row(name, i, FOUR, 1) for i, name in enumerate(names)]
+        return write_json(folder / "lvb_val.json", rows)
+    rows = [mlvu_row(name, "plotQA", "A boy runs", PLOT) for name in names]
+    return write_json(folder / "1_plotQA.json", rows)
+
+
+IMPORTERS = {"videomme": import_videomme, "longvideobench": import_longvideobench,
+             "mlvu": import_mlvu}
+# what each importer reads a video's path from, and how a name is written there (lvb_row
+# and the Video-MME importer add ".mp4" themselves)
+PATH_FIELD = {"videomme": ("videoID", "{}"), "longvideobench": ("video_path", "{}"),
+              "mlvu": ("video", "{}.mp4")}
+
+
+@pytest.mark.parametrize("kind", list(IMPORTERS))
+def test_annotation_paths_that_leave_the_videos_folder_are_one_issue_each(tmp_path, kind):
+    field, pattern = PATH_FIELD[kind]
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"not a video")
+    hostile = [f"{outside}", "../secret", "sub/../../secret", "ok"]
+    path = importer_files(kind, tmp_path / "ann", [pattern.format(h) for h in hostile])
+    if kind == "longvideobench":  # video_id and video_path are separate fields there
+        rows = json.loads(path.read_text())
+        for i, row in enumerate(rows):
+            row["video_id"] = f"v{i}"
+        write_json(path, rows)
+    (tmp_path / "videos").mkdir()
+    m = IMPORTERS[kind](path, tmp_path / "videos")
+    assert [(i.where, i.field) for i in m.issues] == [
+        (f"{path}:0", field), (f"{path}:1", field), (f"{path}:2", field)]
+    assert "absolute path" in m.issues[0].message
+    assert all("leaves the videos folder" in i.message for i in m.issues[1:])
+    assert len(m.videos) == 1 and len(m.questions) == 1
+    assert Path(m.videos[0].path).parent == tmp_path / "videos"
+
+
+COLLIDING = {"videomme": ("clip.v2", "clip_v2"), "longvideobench": ("clip.v2", "clip_v2"),
+             "mlvu": ("clip.v2.mp4", "clip_v2.mp4")}
+
+
+@pytest.mark.parametrize("kind", list(IMPORTERS))
+def test_video_ids_that_sanitise_alike_are_refused_naming_both(tmp_path, kind):
+    first, second = COLLIDING[kind]
+    path = importer_files(kind, tmp_path, [first, second, first])
+    m = IMPORTERS[kind](path, tmp_path / "videos")
+    field = {"videomme": "videoID", "longvideobench": "video_id", "mlvu": "video"}[kind]
+    [issue] = m.issues
+    a, b = (name.removesuffix(".mp4") for name in (first, second))
+    assert str(issue) == (f"{path}:1: {field}: '{a}' and '{b}' both become video id "
+                          "'clip_v2'; rename one of them")
+    assert [v.id for v in m.videos] == ["clip_v2"]
+    assert m.videos[0].meta["original_id"] == a  # the dataset's own id is kept
+    assert [q.video_id for q in m.questions] == ["clip_v2", "clip_v2"]  # rows 0 and 2
+
+
+@pytest.mark.parametrize("kind", list(IMPORTERS))
+def test_cli_import_resolves_videos_against_the_current_folder(tmp_path, monkeypatch, kind):
+    field, pattern = PATH_FIELD[kind]
+    (tmp_path / "data" / "videos").mkdir(parents=True)
+    (tmp_path / "data" / "videos" / "clip1.mp4").write_bytes(b"")
+    path = importer_files(kind, tmp_path / "ann", [pattern.format("clip1")])
+    monkeypatch.chdir(tmp_path)
+    code = main(["import", kind, str(path.relative_to(tmp_path)), "--videos", "data/videos",
+                 "-o", "manifests/out.jsonl"])
+    assert code == 0
+    [video] = read_manifest(tmp_path / "manifests" / "out.jsonl").videos
+    assert video.path == str(tmp_path / "data" / "videos" / "clip1.mp4")

@@ -1,13 +1,17 @@
-"""Videos from files and folders: one video row per file, ids derived from file names."""
+"""Videos from files and folders: one video row per file, ids derived from file names.
+
+A symbolic link that loops (points back to itself, directly or through other links) is
+reported as one issue and left out; every other file still lands."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 from stores.errors import UserError
 from stores.ids import safe_component
-from stores.manifest import Manifest, build_manifest
+from stores.manifest import Issue, Manifest, build_manifest, sort_issues
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
@@ -24,16 +28,33 @@ def _unique(candidate: str, taken: set[str]) -> str:
     return out
 
 
+def _is_loop(path: Path) -> bool:
+    """Does following ``path``'s links go round in a circle?"""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 def import_video_files(paths: list[Path], root: Path | None = None) -> Manifest:
     """One video row per path. The id is the path relative to ``root`` (or the file name)
-    without its extension, made safe (``a/b.c.mp4`` → ``a__b_c``); clashes get ``-2``, ``-3``."""
+    without its extension, made safe (``a/b.c.mp4`` → ``a__b_c``; a long one is cut and gets a
+    short hash of the whole); clashes get ``-2``, ``-3``."""
     taken: set[str] = set()
     rows = []
+    loops: list[Issue] = []
     for p in paths:
+        if _is_loop(p):
+            loops.append(Issue(str(p), "path", "symbolic link loop (it leads back to itself); "
+                                               "left out"))
+            continue
         stem = p.relative_to(root).with_suffix("").as_posix() if root else p.stem
         vid = _unique(safe_component(stem), taken)
         rows.append((str(p), {"type": "video", "id": vid, "path": str(p.resolve())}))
-    return build_manifest(rows)
+    manifest = build_manifest(rows)
+    manifest.issues = sort_issues(loops + manifest.issues)
+    return manifest
 
 
 def import_video_url(url: str) -> Manifest:
@@ -50,6 +71,7 @@ def import_folder(root: str | os.PathLike[str]) -> Manifest:
     if not base.is_dir():
         raise UserError(f"{base}: not a folder")
     paths = sorted(
-        p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+        p for p in base.rglob("*")
+        if p.suffix.lower() in VIDEO_EXTENSIONS and (p.is_file() or _is_loop(p))
     )
     return import_video_files(paths, root=base)

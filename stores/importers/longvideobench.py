@@ -17,6 +17,10 @@ The question id is ``id``, the category ``question_category``, the video's durat
 The video is ``<video_root>/<video_path>``; when that file is not there it is looked up by
 file stem under ``video_root`` (recursively), and when that fails too the row keeps the path
 ``<video_root>/<video_path>`` and fails at decode time, recorded like any broken video.
+A ``video_path`` that is absolute or climbs out of ``video_root`` with ``..`` is an issue (an
+annotation file must not make refocus read any file on the machine), and so is a
+``video_id`` that becomes the same video id as another one once made safe (``a.b``,
+``a_b``); a changed id keeps the dataset's own in the video's ``original_id``.
 Issues name the row as ``file:index``, its 0-based position in the list.
 """
 
@@ -27,11 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from stores.errors import UserError
-from stores.ids import safe_component
 from stores.importers.records import (
+    DerivedIds,
     RowProblem,
+    absolute,
     check_fields_present,
     finish,
+    inside_root,
+    original_id,
     read_records,
     seconds,
     split_from_name,
@@ -80,28 +87,28 @@ def import_longvideobench(
     if records and not any("correct_choice" in row for _, row in records):
         raise UserError(f"{p}: no row has 'correct_choice' (the test set's answers are not "
                         "published; import an annotated file such as lvb_val.json)")
-    root = Path(video_root) if video_root is not None else p.parent / "videos"
+    root = absolute(video_root if video_root is not None else p.parent / "videos")
     split = split if split is not None else split_from_name(p)
     found = video_index(root)
     out: list[tuple[str, dict[str, Any]]] = []
-    seen: set[str] = set()
+    made = DerivedIds()
     for where, row in records:
         try:
             video_id = text_field(row, "video_id")
-            video_path = text_field(row, "video_path")
+            video_path = inside_root(text_field(row, "video_path"), "video_path")
             duration = seconds(row, "duration")
             qid = text_field(row, "id")
             question = text_field(row, "question")
             options = string_list(row, "candidates")
             answer = _choice(row, len(options))
+            vid, new = made.make(video_id, "video_id")
         except RowProblem as e:
             issues.append(Issue(where, e.field, e.message))
             continue
-        vid = safe_component(video_id)
-        if vid not in seen:
-            seen.add(vid)
+        if new:
             video: dict[str, Any] = {
                 "type": "video", "id": vid, "path": _video_path(found, root, video_path),
+                **original_id(vid, video_id),
             }
             if duration is not None:
                 video["duration"] = duration

@@ -13,7 +13,10 @@ Video ids are the file stems made safe (dots become ``_``); the category is
 ``question_type``; ``duration`` is the video's. Videos are looked up under ``video_root`` by
 file stem (recursively: the dataset ships them in one folder per task); a video that is not
 found keeps the path ``<video_root>/<video>`` and fails at decode time, recorded like any
-broken video. Issues name the row as ``file:index``.
+broken video. A ``video`` that is absolute or climbs out of ``video_root`` with ``..`` is an
+issue, and so are two file stems that become the same video id once made safe (``a.b``,
+``a_b``); a changed id keeps the stem in the video's ``original_id``. Issues name the row as
+``file:index``.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stores.ids import safe_component
+from stores.ids import MAX_ID_BYTES, safe_component
 from stores.importers.records import (
+    DerivedIds,
     RowProblem,
+    absolute,
     check_fields_present,
     find_video,
     finish,
+    inside_root,
+    original_id,
     read_records,
     seconds,
     split_from_name,
@@ -58,12 +65,12 @@ def import_mlvu(
     ``video_root`` defaults to ``videos/`` beside the first annotation file; ``split`` to
     the one in the file name, else ``dev`` (these files are MLVU's dev set)."""
     files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
-    root = (Path(video_root) if video_root is not None
-            else (files[0].parent if files else Path()) / "videos")
+    root = absolute(video_root if video_root is not None
+                    else (files[0].parent if files else Path()) / "videos")
     found = video_index(root)
     out: list[tuple[str, dict[str, Any]]] = []
     issues: list[Issue] = []
-    seen: set[str] = set()
+    made = DerivedIds()
     for path in files:
         records, file_issues = read_records(path, "MLVU")
         issues.extend(file_issues)
@@ -76,27 +83,27 @@ def import_mlvu(
         for where, row in records:
             index = where.rpartition(":")[2]  # position in a .json list, line in a .jsonl
             try:
-                video_name = text_field(row, "video")
+                video_name = inside_root(text_field(row, "video"), "video")
                 duration = seconds(row, "duration")
                 question = text_field(row, "question")
                 qtype = text_field(row, "question_type")
                 options = string_list(row, "candidates")
                 answer = _answer_index(text_field(row, "answer"), options)
+                stem = Path(video_name).stem
+                vid, new = made.make(stem, "video")
             except RowProblem as e:
                 issues.append(Issue(where, e.field, e.message))
                 continue
-            vid = safe_component(Path(video_name).stem)
-            if vid not in seen:
-                seen.add(vid)
+            if new:
                 video: dict[str, Any] = {
                     "type": "video", "id": vid, "path": find_video(found, root, video_name),
-                    "split": file_split,
+                    "split": file_split, **original_id(vid, stem),
                 }
                 if duration is not None:
                     video["duration"] = duration
                 out.append((where, video))
             out.append((where, {
-                "type": "question", "qid": f"{vid}_{safe_component(qtype)}_{index}",
+                "type": "question", "qid": safe_component(f"{vid}_{qtype}_{index}", MAX_ID_BYTES),
                 "video_id": vid, "question": question, "options": options, "answer": answer,
                 "category": qtype, "split": file_split,
             }))

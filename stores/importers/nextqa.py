@@ -15,13 +15,15 @@ as the dataset ships them in sub-folders); a video that is not found keeps the p
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from stores.errors import UserError
-from stores.importers.records import video_index
+from stores.ids import id_problem
+from stores.importers.records import absolute, read_text, video_index
 from stores.manifest import Issue, Manifest, build_manifest, sort_issues
 
 OPTION_COLUMNS = ("a0", "a1", "a2", "a3", "a4")
@@ -47,25 +49,32 @@ def _split_from_name(path: Path) -> str | None:
     return None
 
 
-def _read_rows(csv_path: Path) -> tuple[list[tuple[str, dict[str, str]]], list[Issue]]:
+def _csv(csv_path: Path) -> csv.DictReader:
+    """The CSV's rows (UTF-8, with or without a byte-order mark; another encoding is one
+    line naming the file)."""
     if not csv_path.is_file():
         raise UserError(f"{csv_path}: annotation file not found")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(
-                f"{csv_path}: not a NExT-QA CSV (missing columns: {', '.join(missing)})"
-            )
-        rows: list[tuple[str, dict[str, str]]] = []
-        issues: list[Issue] = []
-        for row in reader:
-            where = f"{csv_path}:{reader.line_num}"
-            empty = [c for c in REQUIRED_COLUMNS if not (row.get(c) or "").strip()]
-            if empty:
-                issues.append(Issue(where, empty[0], "empty or missing column"))
-            else:
-                rows.append((where, row))
+    return csv.DictReader(io.StringIO(read_text(csv_path), newline=""))
+
+
+def _read_rows(csv_path: Path) -> tuple[list[tuple[str, dict[str, str]]], list[Issue]]:
+    reader = _csv(csv_path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(
+            f"{csv_path}: not a NExT-QA CSV (missing columns: {', '.join(missing)})"
+        )
+    rows: list[tuple[str, dict[str, str]]] = []
+    issues: list[Issue] = []
+    for row in reader:
+        where = f"{csv_path}:{reader.line_num}"
+        empty = [c for c in REQUIRED_COLUMNS if not (row.get(c) or "").strip()]
+        if empty:
+            issues.append(Issue(where, empty[0], "empty or missing column"))
+        elif bad_id := id_problem(row["video_id"].strip(), allow_dot=False):
+            issues.append(Issue(where, "video_id", f"{row['video_id']!r} {bad_id}"))
+        else:
+            rows.append((where, row))
     return rows, issues
 
 
@@ -77,7 +86,7 @@ def _to_manifest(
     spans: dict[tuple[str, str], list[list[float]]],
 ) -> Manifest:
     rows, issues = _read_rows(csv_path)
-    root = video_root if video_root is not None else csv_path.parent / "videos"
+    root = absolute(video_root if video_root is not None else csv_path.parent / "videos")
     found = video_index(video_root)
     split = split if split is not None else _split_from_name(csv_path)
     out: list[tuple[str, dict[str, Any]]] = []
@@ -125,7 +134,7 @@ def import_nextqa(
     split: str | None = None,
 ) -> Manifest:
     """NExT-QA multiple-choice questions (every row of e.g. ``val.csv``) and their videos."""
-    root = Path(video_root) if video_root is not None else None
+    root = absolute(video_root) if video_root is not None else None
     return _to_manifest(Path(csv_path), root, split, {}, {})
 
 
@@ -160,16 +169,15 @@ def import_nextgqa(
     if not gsub.is_file():
         raise UserError(f"{gsub}: evidence file not found")
     try:
-        grounding = json.loads(gsub.read_text(encoding="utf-8"))
+        grounding = json.loads(read_text(gsub))
     except json.JSONDecodeError as e:
         raise UserError(f"{gsub}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(grounding, dict):
         raise UserError(f"{gsub}: expected an object keyed by video id")
     frame_counts: dict[str, int] = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if (row.get("frame_count") or "").strip().isdigit():
-                frame_counts[row["video_id"].strip()] = int(row["frame_count"])
+    for row in _csv(Path(csv_path)):
+        if (row.get("frame_count") or "").strip().isdigit():
+            frame_counts[(row.get("video_id") or "").strip()] = int(row["frame_count"])
     durations: dict[str, float] = {}
     spans: dict[tuple[str, str], list[list[float]]] = {}
     for vid, entry in grounding.items():
@@ -182,5 +190,5 @@ def import_nextgqa(
             durations[vid] = float(duration)
         for qid, qspans in (entry.get("location") or {}).items():
             spans[(vid, str(qid))] = [_clip(span, durations.get(vid)) for span in qspans]
-    root = Path(video_root) if video_root is not None else None
+    root = absolute(video_root) if video_root is not None else None
     return _to_manifest(Path(csv_path), root, split, durations, spans)

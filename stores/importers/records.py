@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from stores.errors import UserError
+from stores.ids import safe_component
 from stores.importers.folder import VIDEO_EXTENSIONS
 from stores.manifest import Issue, Manifest, build_manifest, sort_issues
 
@@ -45,9 +47,7 @@ def read_records(path: Path, what: str) -> tuple[list[tuple[str, dict[str, Any]]
         return _read_jsonl(path)
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
@@ -67,6 +67,21 @@ def read_records(path: Path, what: str) -> tuple[list[tuple[str, dict[str, Any]]
             issues.append(Issue(where, "row",
                                 f"must be a JSON object, got {type(record).__name__}"))
     return rows, issues
+
+
+def read_text(path: Path) -> str:
+    """A text file's content, read as UTF-8 (a leading byte-order mark is dropped). Other
+    encodings are refused with one line: guessing one (Latin-1 reads any bytes at all) would
+    turn names and questions into wrong text without a word."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}; Latin-1 or "
+            f"Windows-1252 perhaps); convert it, e.g. iconv -f latin1 -t utf-8 FILE > NEW"
+        ) from None
 
 
 def _read_jsonl(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[Issue]]:
@@ -160,6 +175,51 @@ def split_from_name(path: Path) -> str | None:
         if split in words:
             return "val" if split == "validation" else split
     return None
+
+
+def absolute(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute against the current folder (without following links), so a
+    manifest written elsewhere still finds it."""
+    return Path(os.path.abspath(path))
+
+
+def inside_root(name: str, field_name: str) -> str:
+    """``name``, a video path from an annotation file, when it stays inside the videos
+    folder: an absolute path or one that climbs out with ``..`` is a :class:`RowProblem`
+    (an annotation file must not make refocus read any file on the machine)."""
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
+        raise RowProblem(field_name, f"{name!r} is an absolute path; annotation paths must "
+                                     "lie inside the videos folder (--videos)")
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        raise RowProblem(field_name, f"{name!r} leaves the videos folder ('..'); annotation "
+                                     "paths must lie inside it (--videos)")
+    return name
+
+
+class DerivedIds:
+    """Video ids made from a dataset's own names (``safe_component``), one per name: two
+    names that become the same id (``a.b`` and ``a_b``) are a :class:`RowProblem` naming both,
+    never one video standing for the other."""
+
+    def __init__(self) -> None:
+        self._original: dict[str, str] = {}
+
+    def make(self, original: str, field_name: str) -> tuple[str, bool]:
+        """(the id for ``original``, whether it is new)."""
+        vid = safe_component(original)
+        taken = self._original.get(vid)
+        if taken is None:
+            self._original[vid] = original
+            return vid, True
+        if taken != original:
+            raise RowProblem(field_name, f"{taken!r} and {original!r} both become video id "
+                                         f"{vid!r}; rename one of them")
+        return vid, False
+
+
+def original_id(vid: str, original: str) -> dict[str, str]:
+    """Meta that keeps the dataset's own id when the video id had to differ from it."""
+    return {} if vid == original else {"original_id": original}
 
 
 def find_video(found: dict[str, Path], root: Path, name: str) -> str:

@@ -17,9 +17,11 @@ the length in seconds in a manifest), ``domain``, ``sub_category``, ``url``, ``l
 
 Videos are looked up under ``video_root`` by file stem (``<videoID>.<ext>``, recursively); a
 video that is not found keeps the path ``<video_root>/<videoID>.mp4`` and fails at decode
-time, recorded like any broken video. Issues name the row as ``file:N`` where N is the line
-of a ``.jsonl`` file and the 0-based position of the row in a ``.json`` list or a parquet
-table.
+time, recorded like any broken video. A ``videoID`` that is absolute or climbs out of
+``video_root`` is an issue, and so are two that become the same video id once made safe (a
+changed id keeps the ``videoID`` in the video's ``original_id``). Issues name the row as
+``file:N`` where N is the line of a ``.jsonl`` file and the 0-based position of the row in a
+``.json`` list or a parquet table.
 
 """
 
@@ -30,12 +32,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stores.ids import safe_component
 from stores.importers.records import (
+    DerivedIds,
     RowProblem,
+    absolute,
     check_fields_present,
     find_video,
     finish,
+    inside_root,
+    original_id,
     read_records,
     split_from_name,
     string_list,
@@ -83,22 +88,22 @@ def _rows(
     found = video_index(root)
     out: list[tuple[str, dict[str, Any]]] = []
     issues: list[Issue] = []
-    seen: set[str] = set()
+    made = DerivedIds()
     for where, row in records:
         try:
-            youtube_id = text_field(row, "videoID")
+            youtube_id = inside_root(text_field(row, "videoID"), "videoID")
             qid = text_field(row, "question_id")
             question = text_field(row, "question")
             options = strip_letters(string_list(row, "options"))
             answer = letter_index(text_field(row, "answer"), len(options))
+            vid, new = made.make(youtube_id, "videoID")
         except RowProblem as e:
             issues.append(Issue(where, e.field, e.message))
             continue
-        vid = safe_component(youtube_id)
-        if vid not in seen:
-            seen.add(vid)
+        if new:
             video: dict[str, Any] = {
                 "type": "video", "id": vid, "path": find_video(found, root, f"{youtube_id}.mp4"),
+                **original_id(vid, youtube_id),
             }
             if split:
                 video["split"] = split
@@ -131,7 +136,7 @@ def import_videomme(
     p = Path(path)
     records, issues = read_records(p, "Video-MME")
     check_fields_present(p, records, REQUIRED_FIELDS, "Video-MME")
-    root = Path(video_root) if video_root is not None else p.parent / "videos"
+    root = absolute(video_root if video_root is not None else p.parent / "videos")
     split = split if split is not None else (split_from_name(p) or "test")
     rows, row_issues = _rows(records, root, split)
     return finish(rows, issues + row_issues)
