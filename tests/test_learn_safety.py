@@ -142,7 +142,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 # ----------------------------------------------------------------------------- owned folders
 
-def test_out_folders_that_are_not_refoscus_own_are_refused_and_left_alone(toy, tmp_path,
+def test_out_folders_that_are_not_refocus_own_are_refused_and_left_alone(toy, tmp_path,
                                                                            capsys):
     store, reward = toy
     mine = user_folder(tmp_path / "mine")
