@@ -279,6 +279,9 @@ def _evaluate_task(store: str, split: str, ks: list[int], reward: str, policies:
 def evaluate_flow(store: str, reward: str, policies: list[str], out: str, split: str = "test",
                   ks: list[int] | None = None) -> list[dict[str, Any]]:
     """The policies against the baselines: eval.md, eval.csv and eval.png under ``out``."""
+    from stores.owned import claim
+
+    claim(out, "eval", inputs=[store, *policies])  # before the flow's logs land in it
     with flow_record(out, "evaluate", {"store": store, "reward": reward,
                                        "policies": policies, "split": split}) as record:
         rows = _evaluate_task(store, split, list(ks or (4, 8, 16)), reward, list(policies), out)

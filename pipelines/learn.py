@@ -8,7 +8,8 @@ import csv
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,12 @@ import torch.distributed as dist
 
 from pipelines import plots
 from refocus.data import Corpus
-from refocus.evaluation import Row, evaluate
+from refocus.evaluation import ALL, Row, evaluate
 from refocus.policy import FrameSelector, PolicyConfig
 from refocus.reader import Reader, ReaderConfig, accuracy, train_reader
 from refocus.rewards import ReaderReference, Reference, RewardCache, RewardModel
 from refocus.selectors import BASELINES, Learned, Selector, uniform_indices
-from refocus.settings import GRPOSettings, ReaderTrainSettings
+from refocus.settings import VAL_SPLIT, GRPOSettings, ReaderTrainSettings
 from refocus.trainer import (
     DistEnv,
     GRPOTrainer,
@@ -36,7 +37,10 @@ from stores import checkpoints
 from stores.errors import UserError
 from stores.features import FeatureStore
 from stores.manifest import merge, read_manifest
+from stores.owned import Owned, claim
 from stores.shards import MANIFEST_FILE, write_json_atomic
+
+COMPLETE = "complete.json"  # written last by a finished training run
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -45,13 +49,20 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def qa_paths(store: str | os.PathLike[str],
+             qa: Sequence[str | os.PathLike[str]] | None) -> list[Path]:
+    """The manifests with the questions: those given, else the one that was ingested."""
+    if qa:
+        return [Path(p) for p in qa]
+    return [Path(FeatureStore(store).ingest.get("shards", "")) / MANIFEST_FILE]
+
+
 def load_corpus(store: str | os.PathLike[str], qa: Sequence[str | os.PathLike[str]] | None,
                 device: str | torch.device = "cpu") -> Corpus:
     """The store's features joined with the manifest's questions (by default the manifest
     that was ingested)."""
     features_store = FeatureStore(store)
-    paths = [Path(p) for p in qa] if qa else [
-        Path(features_store.ingest.get("shards", "")) / MANIFEST_FILE]
+    paths = qa_paths(store, qa)
     manifests = [read_manifest(p) for p in paths]
     manifest = merge(manifests)
     corpus = Corpus(features_store.load(), manifest.questions, device)
@@ -60,6 +71,27 @@ def load_corpus(store: str | os.PathLike[str], qa: Sequence[str | os.PathLike[st
                         f"{', '.join(map(str, paths))} is in the feature store; embed them "
                         "(refocus embed --questions ...)")
     return corpus
+
+
+def check_splits(corpus: Corpus, store: str | os.PathLike[str],
+                 qa: Sequence[str | os.PathLike[str]] | None, val_split: str | None = None,
+                 ) -> None:
+    """Refuse, in one line, questions unfit to learn from (see ``Corpus.split_problem``) and,
+    with ``val_split``, a validation split without questions."""
+    where = ", ".join(map(str, qa_paths(store, qa)))
+    problem = corpus.split_problem()
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    if val_split is not None and not corpus.rows(val_split):
+        raise UserError(f"{where}: no questions in the {val_split!r} split to choose the best "
+                        "checkpoint on; add val questions, or pass --val-split train to choose "
+                        "it on training questions")
+
+
+def reward_inputs(spec: str) -> list[str]:
+    """The local path a reward spec reads (a reader folder, a local LMM folder)."""
+    target = spec.partition(":")[2]
+    return [target] if target else []
 
 
 # ----------------------------------------------------------------------------- the reader
@@ -90,24 +122,30 @@ def train_reader_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                        out: str | os.PathLike[str], settings: ReaderTrainSettings,
                        device: str | None = None,
                        log: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Train a reader into ``out`` and return its report; a reader already there, trained with
-    the same settings on the same store and questions, is kept and its report returned."""
-    identity = {"settings": asdict(settings), "store": str(Path(store).resolve()),
-                "qa": [str(Path(q).resolve()) for q in qa] if qa else None}
-    if (Path(out) / checkpoints.CONFIG).is_file() and (Path(out) / checkpoints.WEIGHTS).is_file():
-        meta = json.loads((Path(out) / checkpoints.CONFIG).read_text())
-        if meta.get("kind") == "reader" and all(meta.get(k) == v for k, v in identity.items()):
-            return meta["report"]
-    corpus = load_corpus(store, qa, pick_device(device))
-    started = time.perf_counter()
-    reader = train_reader(corpus, settings, log=log)
-    seconds = time.perf_counter() - started
-    split = "val" if corpus.rows("val") else "train"
-    report = {"split": split, **reader_report(reader, corpus, split),
-              "train_seconds": round(seconds, 1)}
-    checkpoints.save_model(out, "reader", reader.config.as_dict(), reader.state_dict(),
-                           **identity, report=report,
-                           encoder_sha256=FeatureStore(store).encoder.get("weights_sha256"))
+    """Train a reader into ``out`` (a reader folder refocus owns) and return its report; a
+    reader already there, trained with the same settings on the same store and questions, is
+    kept and its report returned."""
+    owned = claim(out, "reader", inputs=[store, *(qa or ())])
+    with owned.lock():
+        identity = {"settings": asdict(settings), "store": str(Path(store).resolve()),
+                    "qa": [str(Path(q).resolve()) for q in qa] if qa else None}
+        if (owned.path / checkpoints.CONFIG).is_file() and \
+                (owned.path / checkpoints.WEIGHTS).is_file():
+            meta = json.loads((owned.path / checkpoints.CONFIG).read_text())
+            if meta.get("kind") == "reader" and all(meta.get(k) == v
+                                                    for k, v in identity.items()):
+                return meta["report"]
+        corpus = load_corpus(store, qa, pick_device(device))
+        check_splits(corpus, store, qa)
+        started = time.perf_counter()
+        reader = train_reader(corpus, settings, log=log)
+        seconds = time.perf_counter() - started
+        split = "val" if corpus.rows("val") else "train"
+        report = {"split": split, **reader_report(reader, corpus, split),
+                  "train_seconds": round(seconds, 1)}
+        checkpoints.save_model(owned.path, "reader", reader.config.as_dict(),
+                               reader.state_dict(), **identity, report=report,
+                               encoder_sha256=FeatureStore(store).encoder.get("weights_sha256"))
     return report
 
 
@@ -165,15 +203,43 @@ class RunSettings:
     device: str | None = None
     reference_features: str | None = None  # a precompute-reference folder (lmm rewards)
     reference_batch: int = 8  # (question, subset) pairs per LMM forward
+    val_split: str = VAL_SPLIT  # the questions the best checkpoint is chosen on
+
+
+TRAIN_VALIDATION_CAP = 256  # questions, when the best checkpoint is chosen on training ones
+FINAL_OUTPUTS = ("policy/" + checkpoints.CONFIG, "policy-last/" + checkpoints.CONFIG,
+                 "training.png", "summary.json", COMPLETE)
+
+
+def policy_folder(path: str | os.PathLike[str]) -> Path:
+    """The policy model folder of a path: a training run folder (its best policy) or a
+    policy folder itself."""
+    folder = Path(path)
+    return folder / "policy" if (folder / "policy" / checkpoints.CONFIG).exists() else folder
+
+
+def policy_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a policy folder's config.json records besides its weights (encoder, candidate
+    settings, training settings …); empty when the folder holds no policy."""
+    config = policy_folder(path) / checkpoints.CONFIG
+    try:
+        meta = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) and meta.get("kind") == "policy" else {}
+
+
+def store_record(store: str | os.PathLike[str]) -> dict[str, Any]:
+    """What scoring with a policy needs from the store it was trained on, kept in the policy's
+    own folder: the encoder's identity and the candidate-frame (ingest) settings."""
+    features = FeatureStore(store)
+    return {"encoder": features.encoder, "candidates": features.ingest.get("settings")}
 
 
 def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                 ) -> FrameSelector:
     """A policy from a model folder, or the best policy of a training run folder."""
-    folder = Path(path)
-    if (folder / "policy" / checkpoints.CONFIG).exists():
-        folder = folder / "policy"
-    config, weights, _ = checkpoints.load_model(folder, "policy")
+    config, weights, _ = checkpoints.load_model(policy_folder(path), "policy")
     policy = FrameSelector(PolicyConfig(**config))
     policy.load_state_dict(weights)
     return policy.to(device).eval()
@@ -202,29 +268,56 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     """Train (or resume) a run in ``out``; ``stop_after`` ends early after that many steps
     of this call (for tests and time-boxed runs).
 
+    ``out`` is a run folder refocus owns (made here, or one it made before: a folder of the
+    user's is refused), held locked for the whole run (a second run on it is refused). A
+    finished run ends with ``complete.json``, written after every other output; re-running
+    a finished run re-creates from its checkpoint any final output that is missing.
+
     Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments: it
     joins the process group (NCCL on CUDA, each rank on cuda:LOCAL_RANK; else gloo) and the
     trainer splits each step's questions over the ranks and averages their gradients. Every
-    rank reads the run folder (to resume); only rank 0 writes to it — run.json, metrics,
-    checkpoints, policy folders, training.png, summary.json — and validates; the others return
-    a summary without validation."""
+    rank reads the run folder (to resume); only rank 0 claims, locks and writes to it —
+    run.json, metrics, checkpoints, policy folders, training.png, summary.json — and
+    validates; the others return a summary without validation."""
     env = DistEnv.from_environ()
     device = rank_device(env, run.device)
-    with process_group(env, device):
-        return _train_policy(store, qa, reward_spec, Path(out), settings, run, device, on_start,
-                             on_step, stop_after)
+    inputs = [store, *(qa or ()), run.reference_features, *reward_inputs(reward_spec)]
+    with process_group(env, device), _run_folder(Path(out), inputs) as owned:
+        return _train_policy(store, qa, reward_spec, owned, Path(out), settings, run, device,
+                             on_start, on_step, stop_after)
+
+
+@contextmanager
+def _run_folder(out: Path, inputs: Sequence[Any]) -> Iterator[Owned | None]:
+    """Rank 0 claims and locks the run folder for the block (None on the other ranks); a
+    refusal on rank 0 is raised on every rank, so that none waits for the others forever."""
+    rank, world = rank_and_world()
+    with ExitStack() as stack:
+        owned, problem = None, None
+        if rank == 0:
+            try:
+                owned = claim(out, "run", inputs=inputs)
+                stack.enter_context(owned.lock())
+            except UserError as e:
+                problem = str(e)
+        if world > 1:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem:
+            raise UserError(problem)
+        yield owned
 
 
 def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, reward_spec: str,
-                  out_dir: Path, settings: GRPOSettings, run: RunSettings, device: torch.device,
-                  on_start: Callable[[int, int], None] | None,
+                  owned: Owned | None, out_dir: Path, settings: GRPOSettings, run: RunSettings,
+                  device: torch.device, on_start: Callable[[int, int], None] | None,
                   on_step: Callable[[StepMetrics], None] | None,
                   stop_after: int | None) -> dict[str, Any]:
     rank, world = rank_and_world()
-    main = rank == 0  # the one writer
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    main = owned is not None  # the one writer (rank 0)
     corpus = load_corpus(store, qa, device)
+    check_splits(corpus, store, qa, run.val_split)
     ref = reference(reward_spec, corpus, store_shards(store), run.reference_features,
                     run.reference_batch)
     identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
@@ -240,7 +333,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
                             "(run.json); resume with the same options or choose another --out")
     if main:
         write_json_atomic(run_file, identity)
-    cache = RewardCache(ref.id, saved[2] if saved else ())  # per rank; rank 0's is saved
+    cache = RewardCache(ref.id, saved.cache if saved else ())  # per rank; rank 0's is saved
     reward_model = RewardModel(ref, cache)
     policy_config = PolicyConfig(dim=corpus.frame_embedding.shape[1], hidden=run.hidden,
                                  layers=run.layers)
@@ -248,16 +341,20 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     metrics = checkpoints.MetricsLog(out_dir / "metrics.jsonl") if main else None
     best = {"score": -1.0, "step": 0, "validation": {}}
     best_weights = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    standing_on = checkpoints.CHECKPOINT  # the checkpoint copy the run was loaded from
     if saved is not None:
-        tensors, meta, _ = saved
-        trainer.load_state(tensors, meta)
-        best = meta["best"]
-        best_weights = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+        trainer.load_state(saved.tensors, saved.meta)
+        best = saved.meta["best"]
+        best_weights = {k[len("best."):]: v for k, v in saved.tensors.items()
+                        if k.startswith("best.")}
+        standing_on = saved.copy
         if main:
             metrics.truncate_after(trainer.step_count)
     elif main:
-        metrics.path.unlink(missing_ok=True)
-    val_rows = corpus.rows("val") or corpus.rows("train")[:256]
+        owned.remove("metrics.jsonl")
+    val_rows = corpus.rows(run.val_split)
+    if run.val_split == "train":
+        val_rows = val_rows[:TRAIN_VALIDATION_CAP]
     budgets = tuple(sorted(set(settings.budgets)))
     if on_start is not None:
         on_start(settings.steps, trainer.step_count)
@@ -266,12 +363,14 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     timings = dict.fromkeys(("sample", "reward", "update", "validate", "checkpoint"), 0.0)
 
     def checkpoint() -> None:
+        nonlocal standing_on
         tensors, meta = trainer.state()  # on every rank: it gathers their generators
         if not main:
             return
         tensors.update({f"best.{k}": v for k, v in best_weights.items()})
         meta["best"] = best
-        checkpoints.save_checkpoint(out_dir, tensors, meta, cache.items())
+        checkpoints.save_checkpoint(owned, tensors, meta, cache.items(), standing_on)
+        standing_on = checkpoints.CHECKPOINT
 
     while trainer.step_count < settings.steps:
         m = trainer.step()
@@ -309,17 +408,22 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "best": best, "filter": trainer.filter_stats, "reward": ref.id,
         "cache": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses},
+        "checkpoint_skipped": saved.skipped if saved else [],
     }
-    if main and finished and (steps_this_call or not (out_dir / "policy").exists()):
+    if main and finished and (steps_this_call or any(not (out_dir / name).exists()
+                                                     for name in FINAL_OUTPUTS)):
+        owned.remove(COMPLETE)  # until every final output below is in place again
+        record = {"settings": settings.as_dict(), "reward": ref.id, **store_record(store)}
         checkpoints.save_model(out_dir / "policy", "policy", policy_config.as_dict(),
-                               best_weights, chosen="best validation", best=best,
-                               settings=settings.as_dict(), reward=ref.id)
+                               best_weights, chosen="best validation", best=best, **record)
         checkpoints.save_model(out_dir / "policy-last", "policy", policy_config.as_dict(),
-                               trainer.policy.state_dict(), chosen="last step",
-                               settings=settings.as_dict(), reward=ref.id)
+                               trainer.policy.state_dict(), chosen="last step", **record)
         plots.training_curves(list(metrics.rows()), out_dir / "training.png")
     if main:
         write_json_atomic(out_dir / "summary.json", summary)
+    if main and finished and not (out_dir / COMPLETE).exists():
+        write_json_atomic(out_dir / COMPLETE, {"steps": trainer.step_count, "best": best,
+                                               "outputs": list(FINAL_OUTPUTS[:-1])})
     if world > 1:  # no rank leaves (and re-reads the run) before rank 0 has written it
         dist.barrier()
     return summary
@@ -332,6 +436,24 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
                    methods: Sequence[str] = tuple(BASELINES), out: str | os.PathLike[str] | None
                    = None, device: str | None = None,
                    reference_features: str | None = None) -> list[Row]:
+    """Every selector at every budget on ``split``; with ``out`` (an evaluation folder refocus
+    owns, locked while written), eval.csv, eval.md and eval.png there."""
+    if out is None:
+        return _evaluate(store, qa, split, ks, reward_spec, policies, methods, device,
+                         reference_features)
+    owned = claim(out, "eval", inputs=[store, *(qa or ()), *policies, reference_features,
+                                      *reward_inputs(reward_spec)])
+    with owned.lock():
+        table = _evaluate(store, qa, split, ks, reward_spec, policies, methods, device,
+                          reference_features)
+        write_evaluation(table, owned.path, split)
+    return table
+
+
+def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: str,
+              ks: Sequence[int], reward_spec: str, policies: Sequence[str],
+              methods: Sequence[str], device: str | None,
+              reference_features: str | None) -> list[Row]:
     corpus = load_corpus(store, qa, pick_device(device))
     rows = corpus.rows(split)
     if not rows:
@@ -346,10 +468,7 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
         selectors.append(Learned(load_policy(path, corpus.device), name=name))
     reward_model = RewardModel(reference(reward_spec, corpus, store_shards(store),
                                          reference_features))
-    table = evaluate(corpus, rows, selectors, tuple(ks), reward_model)
-    if out is not None:
-        write_evaluation(table, Path(out), split)
-    return table
+    return evaluate(corpus, rows, selectors, tuple(ks), reward_model)
 
 
 def _policy_names(paths: Sequence[str]) -> list[str]:
@@ -399,5 +518,10 @@ def markdown_table(table: list[Row], split: str) -> str:
                     else ""
                 cells.append(f"{100 * r.accuracy:.1f}{recall}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    unseen = next((r.spans_without_frames for r in table if r.category == ALL), 0)
+    if unseen:
+        lines.append(f"Note: {unseen} evidence span(s) of these questions hold no candidate "
+                     "frame (no selector can hit them); they are left out of evidence recall.")
         lines.append("")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,11 @@ from pipelines.decode import DecodeSettings
 from pipelines.embed import EmbedSettings, embed
 from pipelines.encoder import encoder_spec, load_encoder
 from pipelines.ingest import IngestSettings, ingest
-from pipelines.learn import load_corpus, load_policy, pick_device
+from pipelines.learn import load_corpus, load_policy, pick_device, policy_record
 from refocus.selectors import Learned
 from stores import shards as shard_files
 from stores.errors import UserError
-from stores.features import FeatureStore
+from stores.features import FeatureStore, same_encoder
 from stores.manifest import Manifest
 from stores.selections import (
     FrameSelection,
@@ -70,10 +70,15 @@ class TrainedPolicy:
 
 
 def find_policy(path: str | os.PathLike[str]) -> TrainedPolicy:
-    """A training run folder or a policy model folder, with its run's training store."""
+    """A training run folder or a policy model folder, with its run's training store (when
+    it is still where run.json says: what older policies, which do not record their encoder
+    and candidate settings themselves, are scored with)."""
     folder = Path(path)
     if not folder.exists():
         raise UserError(f"{path}: no such policy (give a refocus train --out folder)")
+    if not policy_record(folder):
+        raise UserError(f"{path}: holds no refocus policy (give a refocus train --out folder "
+                        "or its policy/ folder)")
     for candidate in (folder, folder.parent):
         run = candidate / "run.json"
         if run.exists():
@@ -83,24 +88,42 @@ def find_policy(path: str | os.PathLike[str]) -> TrainedPolicy:
 
 
 def ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:
-    """Candidates as the policy saw them in training (fps, cap, size, JPEG quality)."""
-    trained = policy.store.ingest.get("settings", {}) if policy.store else {}
-    decode_fields = {k: trained[k] for k in ("fps", "max_frames", "size", "stream",
-                                             "max_decode_errors") if k in trained}
+    """Candidates as the policy saw them in training (fps, cap, size, JPEG quality), as its
+    folder records them."""
+    trained = policy_record(policy.path).get("candidates")
+    if not trained and policy.store is not None:  # an older policy: its training store's
+        trained = policy.store.ingest.get("settings")
+    if not trained:
+        raise UserError(f"{policy.path}: records no candidate-frame settings (fps, frame cap, "
+                        "size) and its training store is not found (run.json); put the store "
+                        "back where run.json names it, or retrain with this refocus version")
+    decode_fields = {f.name: trained[f.name] for f in fields(DecodeSettings)
+                     if f.name in trained and f.name != "threads"}
     return IngestSettings(decode=DecodeSettings(**decode_fields),
                           jpeg_quality=trained.get("jpeg_quality", 90),
                           shard_size=trained.get("shard_size", 16), workers=workers)
 
 
 def encoder_args(policy: TrainedPolicy, settings: ScoreSettings) -> tuple[str, str | None]:
-    """(model, pretrained) for ``load_encoder``: the options given, else what the policy's
-    training store was embedded with."""
-    if settings.model:
-        return settings.model, settings.pretrained
-    if policy.store is None:
-        raise UserError(f"{policy.path}: the training store this policy came from is not "
+    """(model, pretrained) for ``load_encoder``: the encoder the policy was trained with, as
+    its folder records it; ``--model/--pretrained`` that name another encoder are refused."""
+    recorded = policy_record(policy.path).get("encoder") or (
+        policy.store.encoder if policy.store is not None else None)
+    if not recorded:
+        if settings.model:
+            return settings.model, settings.pretrained
+        raise UserError(f"{policy.path}: records no encoder and its training store is not "
                         "found (run.json); name its encoder with --model/--pretrained")
-    return encoder_spec(policy.store.encoder)
+    wanted = encoder_spec(recorded)
+    if not settings.model and not settings.pretrained:
+        return wanted
+    given = (settings.model or wanted[0], settings.pretrained)
+    if given == wanted or same_encoder(load_encoder(*given, "cpu").identity, recorded):
+        return given
+    raise UserError(f"--model {given[0]} --pretrained {given[1]}: not the encoder the policy "
+                    f"{policy.path} was trained with ({wanted[0]} with weights {wanted[1]}, "
+                    f"sha256 {str(recorded.get('weights_sha256'))[:12]}); leave the options out "
+                    "or give that encoder")
 
 
 def select(features: str | os.PathLike[str], manifest_paths: list[Path], policy_path: Path,

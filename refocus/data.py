@@ -41,6 +41,7 @@ class Corpus:
         self.qids = [features.qids[i] for i in keep]
         meta = [by_qid[qid] for qid in self.qids]
         self.split = [q.split or "train" for q in meta]
+        self.unsplit = [i for i, q in enumerate(meta) if not q.split]  # counted as train
         self.category = [q.category or "all" for q in meta]
         self.evidence = [list(q.evidence) for q in meta]
         self.text = [q.question for q in meta]
@@ -79,6 +80,22 @@ class Corpus:
     def rows(self, split: str | None = None) -> list[int]:
         return [i for i, s in enumerate(self.split) if split is None or s == split]
 
+    def split_problem(self) -> str | None:
+        """What makes these questions unfit to learn from, in one line, or None: questions
+        without a split, or a video whose questions are in train and in another split (its
+        frames would be seen in training and again in validation or testing)."""
+        if self.unsplit:
+            return (f"question {self.qids[self.unsplit[0]]} has no split ({len(self.unsplit)} "
+                    f"of {len(self)} questions have none); give every question a split "
+                    "(train, val or test)")
+        train_videos = {int(v) for v in self.video[self.rows("train")].tolist()}
+        for q, split in enumerate(self.split):
+            video = int(self.video[q])
+            if split != "train" and video in train_videos:
+                return (f"video {self.video_ids[video]} has train questions and {split} "
+                        f"question {self.qids[q]}; keep all questions of a video in one split")
+        return None
+
     def frames_of(self, questions: torch.Tensor | Sequence[int]) -> Batch:
         """Padded candidates of the questions' videos."""
         q = torch.as_tensor(questions, dtype=torch.long, device=self.device)
@@ -111,10 +128,15 @@ class Corpus:
             self._evidence_frames[question] = cached
         return cached
 
+    def spans_without_frames(self, question: int) -> int:
+        """Evidence spans of the question that hold no candidate frame (no selection can hit
+        them: they are left out of the evidence recall)."""
+        return sum(not s for s in self.evidence_frames(question))
+
     def evidence_recall(self, question: int, picks: Sequence[int]) -> float | None:
-        """Share of the question's evidence spans hit by at least one picked frame (None
-        when the question has no spans)."""
-        spans = self.evidence_frames(question)
+        """Share of the question's evidence spans hit by at least one picked frame, over the
+        spans that hold a candidate frame (None when it has no such span)."""
+        spans = [s for s in self.evidence_frames(question) if s]
         if not spans:
             return None
         chosen = set(int(p) for p in picks)

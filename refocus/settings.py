@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+VAL_SPLIT = "val"  # the split whose questions choose a training run's best checkpoint
+
 
 @dataclass(frozen=True)
 class ReaderTrainSettings:
@@ -43,6 +45,13 @@ class GRPOSettings:
                 f"curriculum must be 'cumulative' or 'stages', not {self.curriculum!r}")
         if not self.budgets or min(self.budgets) < 1:
             raise ValueError("budgets must be positive")
+        if self.group < 2:
+            raise ValueError(f"group (--group) must be at least 2: the advantage compares the "
+                             f"subsets sampled for a question, and one alone learns nothing "
+                             f"(got {self.group})")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature (--temperature) must be above 0: the policy samples "
+                             f"from logits divided by it (got {self.temperature})")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

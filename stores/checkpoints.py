@@ -1,13 +1,17 @@
 """Models, training checkpoints and run records on disk — safetensors and JSON only, so
-nothing is ever loaded through unrestricted pickle.
+nothing is ever loaded through unrestricted pickle. Everything is written inside folders
+refocus owns (``stores/owned.py``) and nothing outside them is touched.
 
 * **Model folder** (a trained reader, an exported policy): ``config.json`` (``kind``, the
   architecture config, anything else worth keeping — metrics, settings) and
-  ``weights.safetensors``.
+  ``weights.safetensors``. Both are written as ``*.tmp`` and renamed, the config last (the old
+  one is removed first), so a folder with ``config.json`` holds a complete model.
 * **Checkpoint** (``RUN/checkpoint/``): ``state.safetensors`` (weights, optimizer moments,
-  random generator state …), ``state.json`` (step, settings, numpy generator state …) and
-  ``reward_cache.jsonl``. Written to ``checkpoint.tmp`` and swapped in by renames, so a kill at
-  any moment leaves the previous checkpoint or the new one.
+  random generator state …), ``reward_cache.jsonl`` and, written last, ``state.json`` (step,
+  settings, numpy generator state …): a copy holding ``state.json`` is complete. Written to
+  ``checkpoint.tmp`` and swapped in by renames (the previous one kept as ``checkpoint.old``
+  until the new one is in place); loading takes the newest complete copy of the three, so a
+  kill at any moment loses at most the checkpoint being written.
 * **Metrics** (``RUN/metrics.jsonl``): one JSON object per line; on resume, lines after the
   checkpoint's step are dropped so the log matches an uninterrupted run.
 """
@@ -16,49 +20,39 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stores.errors import UserError
+from stores.owned import Owned, claim
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
 CHECKPOINT = "checkpoint"
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap ``tmp`` in as ``final`` by renames (the old one is removed last)."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fresh(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
+CHECKPOINT_TMP, CHECKPOINT_OLD = CHECKPOINT + ".tmp", CHECKPOINT + ".old"
+STATE = "state.json"  # written last: a checkpoint copy that holds it is complete
+TMP = ".tmp"
 
 
 def save_model(folder: str | os.PathLike[str], kind: str, config: dict[str, Any],
                state_dict: dict[str, torch.Tensor], **extra: Any) -> Path:
-    final = Path(folder)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh(final.with_name(final.name + ".tmp"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS)
-    (tmp / CONFIG).write_text(json.dumps({"kind": kind, "config": config, **extra}, indent=1))
-    _replace_dir(tmp, final)
-    return final
+    """Write a model into ``folder`` (an output folder of ``kind``, made or reused through
+    :func:`stores.owned.claim`), touching nothing beside it."""
+    owned = claim(folder, kind)
+    weights, meta = owned.path / (WEIGHTS + TMP), owned.path / (CONFIG + TMP)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, weights)
+    meta.write_text(json.dumps({"kind": kind, "config": config, **extra}, indent=1))
+    owned.remove(CONFIG)  # from here until the last rename the folder holds no complete model
+    os.replace(weights, owned.path / WEIGHTS)
+    os.replace(meta, owned.path / CONFIG)
+    return Path(folder)
 
 
 def load_model(folder: str | os.PathLike[str], kind: str,
@@ -73,35 +67,90 @@ def load_model(folder: str | os.PathLike[str], kind: str,
     return meta["config"], load_file(path / WEIGHTS), meta
 
 
-def save_checkpoint(run: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
-                    meta: dict[str, Any], cache: Iterable[tuple[Any, float]] = ()) -> Path:
-    final = Path(run) / CHECKPOINT
-    tmp = _fresh(Path(run) / (CHECKPOINT + ".tmp"))
+def save_checkpoint(run: Owned, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    cache: Iterable[tuple[Any, float]] = (), resumed_from: str = CHECKPOINT,
+                    ) -> Path:
+    """Write the run's checkpoint. ``resumed_from`` names the copy this run was loaded from
+    (:attr:`Checkpoint.copy`); when it is not ``checkpoint/`` it is made so first, so that the
+    copy the run stands on is never the one overwritten."""
+    final, tmp, old = (run.path / name for name in (CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD))
+    if resumed_from != CHECKPOINT and (run.path / resumed_from / STATE).is_file():
+        run.remove(CHECKPOINT)  # incomplete or damaged: the run resumed from another copy
+        os.replace(run.path / resumed_from, final)
+    run.remove(CHECKPOINT_TMP)
+    tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
               tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(meta))
     with open(tmp / "reward_cache.jsonl", "w") as f:
         for (qid, subset), margin in cache:
             f.write(json.dumps([qid, list(subset), margin]) + "\n")
-    _replace_dir(tmp, final)
+    (tmp / STATE).write_text(json.dumps(meta))
+    run.remove(CHECKPOINT_OLD)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    run.remove(CHECKPOINT_OLD)
     return final
 
 
-def load_checkpoint(run: str | os.PathLike[str],
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list] | None:
-    """(tensors, meta, reward-cache entries) of a run's checkpoint, or None when it has none."""
-    folder = Path(run) / CHECKPOINT
-    if not (folder / "state.json").exists():
-        return None
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: tensors, state.json, reward-cache entries, the copy it came from
+    (``checkpoint``, ``checkpoint.tmp`` or ``checkpoint.old``) and the copies skipped as
+    damaged (one line each)."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    cache: list[tuple[tuple[str, tuple[int, ...]], float]]
+    copy: str = CHECKPOINT
+    skipped: list[str] = field(default_factory=list)
+
+
+def _read_copy(folder: Path) -> Checkpoint:
+    meta = json.loads((folder / STATE).read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError(f"{STATE} holds no step")
     tensors = load_file(folder / "state.safetensors")
-    meta = json.loads((folder / "state.json").read_text())
     cache = []
     path = folder / "reward_cache.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
             qid, subset, margin = json.loads(line)
             cache.append(((qid, tuple(subset)), margin))
-    return tensors, meta, cache
+    return Checkpoint(tensors, meta, cache, folder.name)
+
+
+def _step(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1  # damaged: tried last, and skipped with a warning
+
+
+def load_checkpoint(run: str | os.PathLike[str]) -> Checkpoint | None:
+    """The newest complete checkpoint copy of a run (checkpoint/, else a complete
+    checkpoint.tmp a kill left between the renames, else checkpoint.old), or None when the run
+    has none. A damaged copy is skipped with a warning; when copies exist and none can be read,
+    the run is refused rather than silently started over."""
+    root = Path(run)
+    order = (CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_OLD)
+    complete = [root / name for name in order if (root / name / STATE).is_file()]
+    complete.sort(key=_step, reverse=True)  # stable: ties keep checkpoint/ first
+    skipped: list[str] = []
+    for folder in complete:
+        try:
+            chosen = _read_copy(folder)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            skipped.append(f"{folder}: damaged checkpoint skipped ({line[:200]})")
+            warnings.warn(skipped[-1], stacklevel=2)
+            continue
+        chosen.skipped = skipped
+        return chosen
+    if skipped or (root / CHECKPOINT).exists() or (root / CHECKPOINT_OLD).exists():
+        raise UserError(f"{root}: no readable checkpoint ({'; '.join(skipped) or 'incomplete'})"
+                        f"; remove {root / CHECKPOINT}* to start the run over")
+    return None
 
 
 class MetricsLog:

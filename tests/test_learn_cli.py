@@ -41,6 +41,7 @@ def test_learning_commands_explain_bad_input(synth_store, tmp_path, capsys):
     assert main(["eval", "--store", store, "--reward", "reader:/nowhere", "--split",
                  "holdout"]) == EXIT_USAGE
     assert "no questions in split 'holdout'" in capsys.readouterr().err
-    assert main(["train-reader", "--store", str(tmp_path), "--out", str(tmp_path / "r")]) \
-        == EXIT_USAGE
+    (tmp_path / "empty").mkdir()
+    assert main(["train-reader", "--store", str(tmp_path / "empty"), "--out",
+                 str(tmp_path / "r")]) == EXIT_USAGE
     assert "no feature store here" in capsys.readouterr().err

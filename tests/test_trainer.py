@@ -71,7 +71,10 @@ def test_runs_keep_records_and_nothing_needs_pickle(tmp_path, synth_store, reade
             "checkpoint/state.safetensors", "checkpoint/state.json",
             "checkpoint/reward_cache.jsonl", "policy/config.json",
             "policy/weights.safetensors"} <= files
-    assert all(Path(f).suffix in {".json", ".jsonl", ".safetensors", ".png"} for f in files)
+    locks = {f for f in files if f.startswith(".locks/")}  # the run's lock: an empty file
+    assert locks == {".locks/run.lock"} and (run / ".locks" / "run.lock").stat().st_size == 0
+    assert all(Path(f).suffix in {".json", ".jsonl", ".safetensors", ".png"}
+               for f in files - locks)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, 7))
@@ -95,8 +98,10 @@ def test_other_settings_on_an_existing_run_are_refused(tmp_path, synth_store, re
 def test_bad_reward_specs_are_refused(synth_store, tmp_path):
     with pytest.raises(UserError, match="expected reader:PATH"):
         train_policy_stage(synth_store / "features", None, "oracle", tmp_path / "r", SETTINGS)
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(UserError, match="not a refocus model folder"):
-        train_policy_stage(synth_store / "features", None, f"reader:{tmp_path}", tmp_path / "r",
+        train_policy_stage(synth_store / "features", None, f"reader:{empty}", tmp_path / "r",
                            SETTINGS)
 
 

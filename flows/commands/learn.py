@@ -91,7 +91,7 @@ def _run_train_reader(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- train
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    from refocus.settings import GRPOSettings
+    from refocus.settings import VAL_SPLIT, GRPOSettings
 
     d = GRPOSettings()
     p = add_command(
@@ -117,7 +117,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
     p.add_argument("--steps", type=positive_int, default=d.steps)
     p.add_argument("--group", type=positive_int, default=d.group,
-                   help="subsets sampled per question (N)")
+                   help="subsets sampled per question (N, at least 2)")
     p.add_argument("--questions-per-step", type=positive_int, default=d.questions_per_step,
                    metavar="Q")
     p.add_argument("--budgets", type=_ints, default=d.budgets, metavar="K,K,...",
@@ -125,10 +125,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=non_negative_float, default=d.lr)
     p.add_argument("--entropy", type=non_negative_float, default=d.entropy_coef, metavar="BETA",
                    help="entropy bonus coefficient")
-    p.add_argument("--temperature", type=non_negative_float, default=d.temperature)
+    p.add_argument("--temperature", type=non_negative_float, default=d.temperature,
+                   help="sampling temperature (above 0)")
     p.add_argument("--filter", type=non_negative_float, default=None, metavar="VAR",
                    help="keep questions whose reward varies across temporal windows by more "
                         "than VAR (the paper uses 0.2); default: keep all")
+    p.add_argument("--val-split", default=VAL_SPLIT, metavar="SPLIT",
+                   help="the split whose questions choose the best checkpoint; training stops "
+                        "when it has none, unless you pass --val-split train to choose on "
+                        "training questions")
     p.add_argument("--eval-every", type=positive_int, default=50, metavar="STEPS")
     p.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="STEPS")
     p.add_argument("--curriculum", choices=("cumulative", "stages"), default=d.curriculum,
@@ -144,14 +149,18 @@ def _run_train(args: argparse.Namespace) -> int:
     from refocus.settings import GRPOSettings
     from refocus.trainer import DistEnv
 
-    settings = GRPOSettings(
-        steps=args.steps, questions_per_step=args.questions_per_step, group=args.group,
-        budgets=args.budgets, curriculum=args.curriculum, lr=args.lr, entropy_coef=args.entropy,
-        temperature=args.temperature, seed=args.seed, filter_threshold=args.filter)
+    try:
+        settings = GRPOSettings(
+            steps=args.steps, questions_per_step=args.questions_per_step, group=args.group,
+            budgets=args.budgets, curriculum=args.curriculum, lr=args.lr,
+            entropy_coef=args.entropy, temperature=args.temperature, seed=args.seed,
+            filter_threshold=args.filter)
+    except ValueError as e:  # a setting out of range: one line, as for any bad input
+        raise UserError(f"train: {e}") from None
     run = RunSettings(eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                       hidden=args.hidden, device=args.device,
                       reference_features=args.reference_features,
-                      reference_batch=args.reference_batch)
+                      reference_batch=args.reference_batch, val_split=args.val_split)
     env = DistEnv.from_environ()
     if settings.questions_per_step % env.world_size:
         raise UserError(f"--questions-per-step {settings.questions_per_step} must divide evenly "
