@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from stores.errors import UserError
+from stores.safe_load import DAMAGED_WEIGHTS, weights_problem
 
 LETTERS = "ABCDEFGHIJ"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -123,6 +124,8 @@ class LMMScorer:
             processor = AutoProcessor.from_pretrained(spec)
             model = AutoModelForImageTextToText.from_pretrained(
                 spec, dtype=dtype, attn_implementation="sdpa")
+        except DAMAGED_WEIGHTS as e:
+            raise UserError(f"reference model {weights_problem(spec, e)}") from None
         except (OSError, ValueError) as e:
             where = "a local folder" if os.path.isdir(spec) else "a hub id"
             hint = (" (offline: it must be in the Hugging Face cache; download it where the "

@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from stores.errors import UserError
+from stores.safe_load import load_safetensors
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
 CHECKPOINT = "checkpoint"
+MODEL_REMEDY = "the model folder is damaged; copy it again or re-create it"
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -67,10 +69,14 @@ def load_model(folder: str | os.PathLike[str], kind: str,
     path = Path(folder)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise UserError(f"{path}: not a refocus model folder (needs {CONFIG} and {WEIGHTS})")
-    meta = json.loads((path / CONFIG).read_text())
-    if meta.get("kind") != kind:
-        raise UserError(f"{path}: holds a {meta.get('kind')!r} model, not a {kind!r}")
-    return meta["config"], load_file(path / WEIGHTS), meta
+    try:
+        meta = json.loads((path / CONFIG).read_bytes())
+    except ValueError as e:
+        raise UserError(f"{path / CONFIG}: damaged ({e}); {MODEL_REMEDY}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        found = meta.get("kind") if isinstance(meta, dict) else None
+        raise UserError(f"{path}: holds a {found!r} model, not a {kind!r}")
+    return meta["config"], load_safetensors(path / WEIGHTS, MODEL_REMEDY), meta
 
 
 def save_checkpoint(run: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
@@ -93,7 +99,8 @@ def load_checkpoint(run: str | os.PathLike[str],
     folder = Path(run) / CHECKPOINT
     if not (folder / "state.json").exists():
         return None
-    tensors = load_file(folder / "state.safetensors")
+    tensors = load_safetensors(folder / "state.safetensors",
+                               f"delete {folder} to train again from the start")
     meta = json.loads((folder / "state.json").read_text())
     cache = []
     path = folder / "reward_cache.jsonl"
