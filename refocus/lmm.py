@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from stores.errors import UserError
+from stores.manifest import MAX_OPTIONS
 from stores.safe_load import DAMAGED_WEIGHTS, weights_problem
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:MAX_OPTIONS]  # one per option a manifest allows
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 PER_IMAGE_KEYS = ("image_grid_thw", "image_sizes")  # processor outputs with a row per image
 
