@@ -11,6 +11,7 @@ its own setting.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image
@@ -32,14 +33,19 @@ def open_frame(data: bytes, where: str = "frame") -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError:
-            image = None
-    if image is None or image.width * image.height > MAX_FRAME_PIXELS:
-        size = f"{image.width}×{image.height} pixels" if image else "too many pixels"
-        raise FrameTooLarge(f"{where}: {size}, over refocus's cap of {MAX_FRAME_PIXELS} "
-                            "pixels per frame (stores/frames.py MAX_FRAME_PIXELS); ingest "
-                            "the video again (ingest scales frames to --size)")
+        except Image.DecompressionBombError as e:  # past twice PIL's own limit
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            raise FrameTooLarge(_too_large(where, f"{found[1] if found else 'too many'} "
+                                                  "pixels")) from None
+    if image.width * image.height > MAX_FRAME_PIXELS:
+        raise FrameTooLarge(_too_large(where, f"{image.width}×{image.height} pixels"))
     return image
+
+
+def _too_large(where: str, size: str) -> str:
+    return (f"{where}: {size}, over refocus's cap of {MAX_FRAME_PIXELS} pixels per frame "
+            "(stores/frames.py MAX_FRAME_PIXELS); ingest the video again (ingest scales "
+            "frames to --size)")
 
 
 def decode_frame(data: bytes, where: str = "frame") -> Image.Image:

@@ -194,8 +194,10 @@ def _parse_question(row: dict[str, Any], videos: dict[str, Video]) -> Question:
     options = _require(row, "options")
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise _RowError("options", "must be a list of strings")
-    if not 2 <= len(options) <= MAX_OPTIONS:
-        raise _RowError("options", f"needs 2 to {MAX_OPTIONS} options, got {len(options)}")
+    if len(options) < 2:
+        raise _RowError("options", f"needs at least 2 options, got {len(options)}")
+    if len(options) > MAX_OPTIONS:
+        raise _RowError("options", f"at most {MAX_OPTIONS} options, got {len(options)}")
     for i, option in enumerate(options):
         if len(option) > MAX_OPTION_CHARS:
             raise _RowError("options", f"option {i} has {len(option)} characters, over the "
