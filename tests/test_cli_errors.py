@@ -398,6 +398,6 @@ def test_a_frame_over_the_cap_but_under_pils_own_limit_is_refused_before_decodin
 
     jpeg = ShardSet(ingested).read("v0").frames[0]
     with pytest.raises(UserError) as caught:
-        decode_jpeg(claim_size(jpeg, 9000, 9000), "here")  # 81 Mpx: over 67, under PIL's 89
-    assert str(caught.value).startswith("here: 9000×9000 pixels, over refocus's cap")
+        decode_jpeg(claim_size(jpeg, 9000, 9000))  # 81 Mpx: over 67, under PIL's 89
+    assert str(caught.value).startswith("frame: 9000×9000 pixels, over refocus's cap")
     assert decode_jpeg(jpeg).shape == (32, 48, 3)
