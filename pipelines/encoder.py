@@ -11,6 +11,8 @@
   and weights);
 * ``pretrained``: a tag (``laion2b_s34b_b79k``), a weights file (``.safetensors``, ``.bin``,
   ``.pt``), or ``random`` for random initialisation — only when asked for (tests, benchmarks).
+  Pickles (``.bin``, ``.pt``) load only when they hold plain tensors (``weights_only``); one
+  with other objects, or a damaged file, is refused with one line.
   Hub ids and local folders carry their own weights.
 
 Weights are never downloaded silently in offline mode and never replaced by random ones: when
@@ -35,6 +37,7 @@ from PIL import Image
 
 from stores.errors import UserError
 from stores.features import RANDOM_WEIGHTS as RANDOM
+from stores.safe_load import DAMAGED_WEIGHTS, weights_problem
 
 QUESTION_TEMPLATE = "Question: {question} Options: {options}"
 SYNTH_ENCODER = "refocus-synth"  # the encoder shipped with refocus, for the synthetic world
@@ -236,6 +239,8 @@ def load_encoder(model: str, pretrained: str | None = None, device: str | None =
             spec.name, pretrained=spec.pretrained, load_weights=spec.weights != RANDOM,
             device=target, pretrained_text=False,
         )
+    except DAMAGED_WEIGHTS as e:
+        raise UserError(weights_problem(spec.weights_file or spec.name, e)) from None
     except (RuntimeError, KeyError, ValueError, AssertionError) as e:
         where = spec.weights_file or spec.name
         raise UserError(f"{where}: cannot load into {spec.name} "

@@ -31,23 +31,25 @@ with ``REFOCUS_SELECTIONS=/path/to/score/output`` in the environment.
 
 from __future__ import annotations
 
-import io
+import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from stores.errors import UserError
+from stores.frames import FrameTooLarge, decode_frame
 from stores.ids import safe_component
 from stores.importers.videomme import strip_letters
 from stores.selections import FrameSelection, read_meta, read_selections
 from stores.shards import Sample, SampleLocation, ShardSet
 
+LOG = logging.getLogger(__name__)
 SELECTIONS_ENV = "REFOCUS_SELECTIONS"
 SHARDS_ENV = "REFOCUS_SHARDS"  # optional: where the shards are now, if they moved
 DEFAULT_VIDEO_FIELDS = ("videoID", "video_id", "video_name", "video", "video_path")
@@ -58,13 +60,17 @@ _VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mp
 
 @dataclass(frozen=True)
 class SelectedImages:
-    """One question's selected frames, decoded: RGB images and their times, in time order."""
+    """One question's selected frames, decoded: RGB images and their times, in time order.
+
+    A frame that cannot be decoded within refocus's pixel cap is left out of ``images``,
+    ``timestamps`` and ``frame_indices`` alike and named in ``failed`` (and logged)."""
 
     qid: str
     video_id: str
     images: list[Image.Image]
     timestamps: list[float]  # seconds in the source video, ascending
     frame_indices: list[int]  # positions in the video's shard sample
+    failed: list[str] = field(default_factory=list)  # one line per frame left out
 
 
 def _norm_text(text: Any) -> str:
@@ -271,15 +277,22 @@ class SelectedFrames:
         if uniform:
             indices = uniform_indices(len(jpegs), len(indices))
             times = [float(sample.meta["timestamps"][i]) for i in indices]
-        images = []
-        for index in indices:
+        out = SelectedImages(row.qid, row.video_id, [], [], [])
+        for index, time in zip(indices, times, strict=True):
             if not 0 <= index < len(jpegs):
                 raise UserError(f"question {row.qid!r}: frame {index} is not in video "
                                 f"{row.video_id!r}'s sample ({len(jpegs)} frames) in "
                                 f"{self.shards.directory}")
-            with Image.open(io.BytesIO(jpegs[index])) as image:
-                images.append(image.convert("RGB"))
-        return SelectedImages(row.qid, row.video_id, images, times, indices)
+            where = f"question {row.qid!r}: video {row.video_id!r} frame {index}"
+            try:
+                out.images.append(decode_frame(jpegs[index], where))
+            except FrameTooLarge as e:
+                out.failed.append(str(e))
+                LOG.warning("left out: %s", e)
+                continue
+            out.timestamps.append(time)
+            out.frame_indices.append(index)
+        return out
 
     def frames(self, qid: str) -> SelectedImages:
         """The selected frames of question ``qid``."""

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from stores.errors import UserError
+from stores.manifest import MAX_OPTIONS
+from stores.safe_load import DAMAGED_WEIGHTS, weights_problem
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:MAX_OPTIONS]  # one per option a manifest allows
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 PER_IMAGE_KEYS = ("image_grid_thw", "image_sizes")  # processor outputs with a row per image
 
@@ -123,6 +125,8 @@ class LMMScorer:
             processor = AutoProcessor.from_pretrained(spec)
             model = AutoModelForImageTextToText.from_pretrained(
                 spec, dtype=dtype, attn_implementation="sdpa")
+        except DAMAGED_WEIGHTS as e:
+            raise UserError(f"reference model {weights_problem(spec, e)}") from None
         except (OSError, ValueError) as e:
             where = "a local folder" if os.path.isdir(spec) else "a hub id"
             hint = (" (offline: it must be in the Hugging Face cache; download it where the "

@@ -5,17 +5,16 @@ the frame shards on first use and kept (vision once per frame either way)."""
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import OrderedDict
 from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 
 from refocus.data import Corpus
 from refocus.lmm import FrameVision, Item, LMMScorer
 from stores.errors import UserError
+from stores.frames import decode_frame
 from stores.reference import ReferenceStore
 from stores.shards import ShardSet
 
@@ -24,8 +23,10 @@ class FrameSource(Protocol):
     def frames(self, video_id: str, local: list[int], multi: bool) -> list[FrameVision]: ...
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+def decode_jpeg(data: bytes, where: str = "frame") -> np.ndarray:
+    """A stored frame as RGB pixels; one over the pixel cap is a one-line error naming
+    ``where`` (rewards need every candidate frame, so none is skipped)."""
+    return np.asarray(decode_frame(data, where))
 
 
 class ShardFrames:
@@ -41,7 +42,10 @@ class ShardFrames:
     def images(self, video_id: str) -> list[np.ndarray]:
         if video_id not in self.lookup:
             raise UserError(f"{self.shards.directory}: no video {video_id!r} in the shards")
-        return [decode_jpeg(f) for f in self.shards.read(video_id, self.lookup[video_id]).frames]
+        location = self.lookup[video_id]
+        where = f"{self.shards.directory / location.shard}: video {video_id!r} frame"
+        return [decode_jpeg(f, f"{where} {i}")
+                for i, f in enumerate(self.shards.read(video_id, location).frames)]
 
     def frames(self, video_id: str, local: list[int], multi: bool) -> list[FrameVision]:
         key = (video_id, multi)

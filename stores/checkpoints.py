@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from stores.errors import UserError
 from stores.owned import Owned, claim
+from stores.safe_load import load_safetensors
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
@@ -39,6 +40,7 @@ CHECKPOINT = "checkpoint"
 CHECKPOINT_TMP, CHECKPOINT_OLD = CHECKPOINT + ".tmp", CHECKPOINT + ".old"
 STATE = "state.json"  # written last: a checkpoint copy that holds it is complete
 TMP = ".tmp"
+MODEL_REMEDY = "the model folder is damaged; copy it again or re-create it"
 
 
 def save_model(folder: str | os.PathLike[str], kind: str, config: dict[str, Any],
@@ -61,10 +63,14 @@ def load_model(folder: str | os.PathLike[str], kind: str,
     path = Path(folder)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise UserError(f"{path}: not a refocus model folder (needs {CONFIG} and {WEIGHTS})")
-    meta = json.loads((path / CONFIG).read_text())
-    if meta.get("kind") != kind:
-        raise UserError(f"{path}: holds a {meta.get('kind')!r} model, not a {kind!r}")
-    return meta["config"], load_file(path / WEIGHTS), meta
+    try:
+        meta = json.loads((path / CONFIG).read_bytes())
+    except ValueError as e:
+        raise UserError(f"{path / CONFIG}: damaged ({e}); {MODEL_REMEDY}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        found = meta.get("kind") if isinstance(meta, dict) else None
+        raise UserError(f"{path}: holds a {found!r} model, not a {kind!r}")
+    return meta["config"], load_safetensors(path / WEIGHTS, MODEL_REMEDY), meta
 
 
 def save_checkpoint(run: Owned, tensors: dict[str, torch.Tensor], meta: dict[str, Any],

@@ -202,8 +202,14 @@ class FeatureWriter:
                           {"shard": shard, "rows": [rows.start, rows.stop], **stats})
 
     def questions_done(self, digest: str) -> bool:
-        path = _progress(self.directory) / "questions.done.json"
-        return path.exists() and json.loads(path.read_text()).get("digest") == digest
+        """Whether the questions of ``digest`` are written; a missing or damaged marker
+        says no, and they are written again (which replaces it)."""
+        try:
+            record = json.loads(
+                (_progress(self.directory) / "questions.done.json").read_bytes())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and record.get("digest") == digest
 
     def write_questions(self, qids: list[str], video: np.ndarray, answer: np.ndarray,
                         embedding: np.ndarray, text_embedding: np.ndarray,

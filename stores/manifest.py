@@ -15,6 +15,10 @@ Question rows::
 in ``meta``. Relative paths are relative to the manifest's folder. Rows are validated one by
 one: a bad row becomes an :class:`Issue` (``file:line: field: what is wrong``) and is left
 out, and every good row still loads.
+
+Sizes are capped (:data:`MAX_LINE_CHARS`, :data:`MAX_QUESTION_CHARS`,
+:data:`MAX_OPTION_CHARS`, :data:`MAX_OPTIONS`): a row over a cap is an issue like any other,
+and an over-long line is skipped without being held in memory whole.
 """
 
 from __future__ import annotations
@@ -22,14 +26,21 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from stores.errors import UserError
 from stores.ids import id_problem
 from stores.urls import NetworkSettings, is_url, url_problem
+
+# Caps on what one row may hold. A question becomes one text embedding per option, and the
+# reference LMM names options by letter (A–J), so a row past these is refused, not truncated.
+MAX_LINE_CHARS = 1 << 20  # characters in one JSONL line (1 Mi)
+MAX_QUESTION_CHARS = 4096  # characters in a question
+MAX_OPTION_CHARS = 1024  # characters in one option
+MAX_OPTIONS = 10  # options per question (letters A–J)
 
 VIDEO_FIELDS = {"type", "id", "path", "duration", "split"}
 QUESTION_FIELDS = {
@@ -184,11 +195,20 @@ def _parse_question(row: dict[str, Any], videos: dict[str, Video]) -> Question:
     text = _require(row, "question")
     if not isinstance(text, str) or not text.strip():
         raise _RowError("question", "must be a non-empty string")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise _RowError("question", f"{len(text)} characters, over the cap of "
+                                    f"{MAX_QUESTION_CHARS}")
     options = _require(row, "options")
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise _RowError("options", "must be a list of strings")
     if len(options) < 2:
         raise _RowError("options", f"needs at least 2 options, got {len(options)}")
+    if len(options) > MAX_OPTIONS:
+        raise _RowError("options", f"at most {MAX_OPTIONS} options, got {len(options)}")
+    for i, option in enumerate(options):
+        if len(option) > MAX_OPTION_CHARS:
+            raise _RowError("options", f"option {i} has {len(option)} characters, over the "
+                                       f"cap of {MAX_OPTION_CHARS}")
     answer = _require(row, "answer")
     if isinstance(answer, bool) or not isinstance(answer, int):
         raise _RowError("answer", f"must be an integer index into options, got {answer!r}")
@@ -285,6 +305,18 @@ def sort_issues(issues: Iterable[Issue]) -> list[Issue]:
     return sorted(issues, key=order)
 
 
+def _capped_lines(f: TextIO) -> Iterator[str | None]:
+    """The lines of ``f``; None for one over :data:`MAX_LINE_CHARS`, whose rest is read
+    through in pieces and dropped."""
+    while line := f.readline(MAX_LINE_CHARS + 1):
+        if len(line) <= MAX_LINE_CHARS or line.endswith("\n"):
+            yield line
+            continue
+        while (rest := f.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+            pass
+        yield None
+
+
 def read_manifest(path: str | os.PathLike[str],
                   network: NetworkSettings | None = None) -> Manifest:
     """Read and validate a JSONL manifest; bad rows become issues, good rows load. With
@@ -296,7 +328,11 @@ def read_manifest(path: str | os.PathLike[str],
     unreadable: list[Issue] = []
     try:
         with open(p, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+            for number, line in enumerate(_capped_lines(f), start=1):
+                if line is None:
+                    reason = f"line longer than the cap of {MAX_LINE_CHARS} characters"
+                    unreadable.append(Issue(f"{p}:{number}", "row", reason))
+                    continue
                 if not line.strip():
                     continue
                 try:

@@ -22,7 +22,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,11 +176,52 @@ class ShardWriter:
         self.tmp_path.unlink(missing_ok=True)
 
 
+def read_record(path: Path, problem: Callable[[Any], str | None], remedy: str) -> Any:
+    """A JSON file refocus wrote. A damaged one (unreadable, not JSON, or a shape that
+    ``problem`` names) is one :class:`UserError` naming the file and ``remedy``."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: damaged ({type(e).__name__}: {reason}); {remedy}") from None
+    what = problem(data)
+    if what is not None:
+        raise UserError(f"{path}: damaged ({what}); {remedy}")
+    return data
+
+
+def _plan_problem(plan: Any) -> str | None:
+    if not isinstance(plan, dict) or not isinstance(plan.get("settings"), dict):
+        return "not an object with 'settings'"
+    shards = plan.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in shards):
+        return "'shards' is not a list of lists of video ids"
+    return None
+
+
+SAMPLE_FIELDS = {"video_id": str, "position": int, "start": int, "end": int, "frames": int}
+
+
+def _marker_problem(marker: Any) -> str | None:
+    if not isinstance(marker, dict) or not isinstance(marker.get("shard"), str):
+        return "not an object with 'shard'"
+    samples = marker.get("samples")
+    if not isinstance(samples, list) or not all(
+            isinstance(s, dict) and all(isinstance(s.get(k), kind) for k, kind in
+                                        SAMPLE_FIELDS.items()) for s in samples):
+        return f"'samples' is not a list of objects with {', '.join(SAMPLE_FIELDS)}"
+    if not isinstance(marker.get("failures", []), list):
+        return "'failures' is not a list"
+    return None
+
+
 def read_plan(directory: Path) -> dict[str, Any] | None:
     path = directory / PLAN_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_record(path, _plan_problem, f"remove the ingest folder {directory} and run "
+                                            "ingest again")
 
 
 def write_plan(directory: Path, plan: dict[str, Any]) -> None:
@@ -192,7 +233,8 @@ def read_marker(directory: Path, index: int) -> dict[str, Any] | None:
     path = directory / marker_name(index)
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_record(path, _marker_problem, f"delete it and run the same ingest again "
+                                              f"(it rewrites {shard_name(index)})")
 
 
 def remove_shard(directory: Path, index: int) -> None:

@@ -115,3 +115,46 @@ def test_merge_reports_ids_repeated_across_inputs():
     m = merge([a, b])
     assert [v.path for v in m.videos] == ["/a.mp4", "/c.mp4"]
     assert [str(i) for i in m.issues] == ["/b.mp4: id: duplicate video id 'v1' across inputs"]
+
+
+# Caps documented in stores/manifest.py: 4096 characters per question, 1024 per option,
+# 10 options (letters A–J), 1 Mi characters per JSONL line.
+def test_text_and_options_over_the_caps_are_one_issue_each_and_the_rest_loads(tmp_path):
+    letters = [f"option {c}" for c in "ABCDEFGHIJK"]
+    path = write_rows(tmp_path / "m.jsonl", [
+        video(),
+        question("at_cap", question="q" * 4096, options=["a", "o" * 1024], answer=0),
+        question("long_question", question="q" * 4097),
+        question("long_option", options=["a", "o" * 1025, "c"]),
+        question("ten", options=letters[:10], answer=9),
+        question("eleven", options=letters, answer=0),
+    ])
+    m = read_manifest(path)
+    assert [q.qid for q in m.questions] == ["at_cap", "ten"]
+    assert [str(i) for i in m.issues] == [
+        f"{path}:3: question: 4097 characters, over the cap of 4096",
+        f"{path}:4: options: option 1 has 1025 characters, over the cap of 1024",
+        f"{path}:6: options: at most 10 options, got 11",
+    ]
+
+
+def test_a_line_over_the_cap_is_one_issue_and_is_not_held_in_memory(tmp_path):
+    import tracemalloc
+
+    cap = 1 << 20
+    at_cap = json.dumps(video("v2", note=""))
+    at_cap = at_cap.replace('"note": ""', '"note": "' + "n" * (cap - len(at_cap)) + '"')
+    assert len(at_cap) == cap
+    huge = json.dumps(question("huge", question="q" * (16 * cap)))
+    path = write_rows(tmp_path / "m.jsonl", [video(), huge, question("after"), at_cap])
+    tracemalloc.start()
+    try:
+        m = read_manifest(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [str(i) for i in m.issues] == [
+        f"{path}:2: row: line longer than the cap of {cap} characters"]
+    assert [q.qid for q in m.questions] == ["after"] and [v.id for v in m.videos] == ["v1", "v2"]
+    assert len(m.videos[1].meta["note"]) > cap - 100
+    assert peak < 8 * cap, peak  # the 16 Mi-character line was never held whole

@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, settings, say=console.out.print)
     acc, rec = summary["accuracy_at_k"], summary["evidence_recall_at_k"]
     out = console.out
-    out.print(f"[bold]demo[/] done in {sum(summary['seconds'].values()):.0f} s", markup=True)
+    console.headline("demo", f" done in {sum(summary['seconds'].values()):.0f} s")
     for method in acc:
         recall = f"{100 * rec[method]:5.1f} %" if rec[method] is not None else "  –"
         out.print(f"  {method:<11} accuracy@{DemoSettings().ks[0]} {100 * acc[method]:5.1f} %  "

@@ -99,7 +99,7 @@ def _run_embed(args: argparse.Namespace) -> int:
 def _print_summary(s: Any, device: str) -> None:
     out = console.out
     t = s.timings
-    out.print(f"[bold]embed[/] → {s.out}", markup=True)
+    console.headline("embed", f" → {s.out}")
     out.print(f"  frames    {s.frames} in {s.videos} videos (this run: {s.frames_written}, "
               f"{s.shards_written} shards; {s.shards_skipped} already done)")
     out.print(f"  questions {s.questions}")
@@ -109,7 +109,7 @@ def _print_summary(s: Any, device: str) -> None:
     if s.index:
         out.print(f"  index     {s.index['kind']} over {s.index['frames']} frames")
     if s.failures:
-        out.print(f"  [red]failures {len(s.failures)}[/]", markup=True)
+        console.alert(f"failures {len(s.failures)}")
         console.list_failures(s.failures)
 
 

@@ -184,11 +184,11 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
 def _report(failures: dict[str, list], root: Path) -> int:
     total = sum(len(v) for v in failures.values())
-    console.out.print(f"[bold]flow[/] done → {root} (logs: {root / 'logs'}, records: "
-                      f"{root / 'flow-runs'})", markup=True)
+    console.headline("flow", f" done → {root} (logs: {root / 'logs'}, records: "
+                     f"{root / 'flow-runs'})")
     for stage, items in failures.items():
         if items:
-            console.out.print(f"  [red]{stage}: {len(items)} failures[/]", markup=True)
+            console.alert(f"{stage}: {len(items)} failures")
             console.list_failures([f.get("where", "") + ": " + f.get("error", "")
                                    if isinstance(f, dict) else f for f in items])
     return EXIT_FAILURES if total else EXIT_OK
@@ -222,8 +222,8 @@ def _run_train(args: argparse.Namespace) -> int:
     summary = train_flow(str(args.store), str(args.out), args.reward, grpo,
                          retries=args.retries)
     best = summary["policy"]["best"]
-    console.out.print(f"[bold]train[/] done → {args.out}: best validation at step "
-                      f"{best['step']} (score {best['score']:.3f})", markup=True)
+    console.headline("train", f" done → {args.out}: best validation at step "
+                     f"{best['step']} (score {best['score']:.3f})")
     return EXIT_OK
 
 
@@ -233,8 +233,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     rows = evaluate_flow(str(args.store), args.reward, [str(p) for p in args.policy],
                          str(args.out), args.split)
-    console.out.print(f"[bold]evaluate[/] done → {args.out / 'eval.md'} ({len(rows)} rows)",
-                      markup=True)
+    console.headline("evaluate", f" done → {args.out / 'eval.md'} ({len(rows)} rows)")
     return EXIT_OK
 
 
@@ -243,8 +242,8 @@ def _run_precompute(args: argparse.Namespace) -> int:
     from flows.orchestrate import precompute_flow
 
     summary = precompute_flow(str(args.shards), str(args.out), args.model, args.device)
-    console.out.print(f"[bold]precompute-reference[/] done → {args.out}: "
-                      f"{summary['shards_written']} shards written", markup=True)
+    console.headline("precompute-reference", f" done → {args.out}: "
+                     f"{summary['shards_written']} shards written")
     return EXIT_OK
 
 
@@ -276,8 +275,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                         "and set PREFECT_API_URL=http://127.0.0.1:4200/api, then run this again")
     d = deployment(args)
     deployment_id = d.apply()
-    console.out.print(f"[bold]serve[/] deployment refocus-preprocess/{args.name} "
-                      f"({deployment_id}) runs on '{args.cron}' ({args.timezone})", markup=True)
+    console.headline("serve", f" deployment refocus-preprocess/{args.name} "
+                     f"({deployment_id}) runs on '{args.cron}' ({args.timezone})")
     if args.register_only:
         return EXIT_OK
     from prefect import serve

@@ -102,7 +102,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
 
 def _print_ingest_summary(s: IngestSummary) -> None:
     out = console.out
-    out.print(f"[bold]ingest[/] → {s.out}", markup=True)
+    console.headline("ingest", f" → {s.out}")
     out.print(f"  videos   {s.videos} landed, {s.failed} failed")
     out.print(f"  frames   {s.frames} (this run: {s.frames_written})")
     out.print(f"  shards   {s.shards} ({s.shards_written} written, "
@@ -112,5 +112,5 @@ def _print_ingest_summary(s: IngestSummary) -> None:
               f"(worker time: decode {t.get('decode', 0):.1f} s, encode {t.get('encode', 0):.1f} s,"
               f" write {t.get('write', 0):.1f} s)")
     if s.failures:
-        out.print(f"  [red]failures {len(s.failures)}[/]", markup=True)
+        console.alert(f"failures {len(s.failures)}")
         console.list_failures(s.failures, str(Path(s.out) / FAILURES_FILE))

@@ -80,7 +80,7 @@ def _run_train_reader(args: argparse.Namespace) -> int:
 
         report = train_reader_stage(args.store, args.qa, args.out, settings, args.device, log)
     out = console.out
-    out.print(f"[bold]train-reader[/] → {args.out} ({report['train_seconds']} s)", markup=True)
+    console.headline("train-reader", f" → {args.out} ({report['train_seconds']} s)")
     out.print(f"  {report['split']} accuracy over {report['questions']} questions:")
     for key, value in report.items():
         if key not in ("split", "questions", "train_seconds"):
@@ -183,8 +183,8 @@ def _run_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     out = console.out
     best = summary["best"]
-    out.print(f"[bold]train[/] → {args.out} ({summary['steps']} steps, "
-              f"{summary['seconds_this_call']} s)", markup=True)
+    console.headline("train", f" → {args.out} ({summary['steps']} steps, "
+                     f"{summary['seconds_this_call']} s)")
     if summary["filter"]:
         f = summary["filter"]
         out.print(f"  data filter kept {f['after']} of {f['before']} questions")

@@ -100,9 +100,8 @@ def _run_import(args: argparse.Namespace) -> int:
     else:
         manifest = importers.import_folder(args.folder)
     write_manifest(args.out, manifest)
-    console.out.print(f"[bold]import[/] → {args.out}: {len(manifest.videos)} videos, "
-                      f"{len(manifest.questions)} questions, {len(manifest.issues)} rows left out",
-                      markup=True)
+    console.headline("import", f" → {args.out}: {len(manifest.videos)} videos, "
+                     f"{len(manifest.questions)} questions, {len(manifest.issues)} rows left out")
     console.list_failures(manifest.issues)
     return EXIT_FAILURES if manifest.issues else EXIT_OK
 

@@ -50,8 +50,8 @@ def _run(args: argparse.Namespace) -> int:
 
         summary = precompute_reference(args.shards, args.out, scorer,
                                        PrecomputeSettings(args.frames_per_pass), on_video)
-    console.out.print(
-        f"[bold]precompute-reference[/] → {args.out}: {summary['frames']} frames, "
+    console.headline(
+        "precompute-reference", f" → {args.out}: {summary['frames']} frames, "
         f"{summary['shards_written']} shards written, {summary['shards_skipped']} skipped "
-        f"({summary['seconds']} s; vision {summary['timings']['vision']} s)", markup=True)
+        f"({summary['seconds']} s; vision {summary['timings']['vision']} s)")
     return EXIT_OK

@@ -79,7 +79,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
 def print_score_summary(s: dict) -> None:
     out = console.out
-    out.print(f"[bold]score[/] → {s['out']}", markup=True)
+    console.headline("score", f" → {s['out']}")
     out.print(f"  policy     {s['policy']} (k = {s['k']})")
     out.print(f"  questions  {s['questions']} scored over {s['videos']} videos")
     out.print(f"  selections {s['selections']['jsonl']}, {s['selections']['parquet']}")
@@ -88,5 +88,5 @@ def print_score_summary(s: dict) -> None:
     times = ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items())
     out.print(f"  time       {s['total_seconds']:.1f} s ({times})")
     if s["failures"]:
-        out.print(f"  [red]failures {len(s['failures'])}[/]", markup=True)
+        console.alert(f"failures {len(s['failures'])}")
         console.list_failures(s["failures"], str(Path(s["out"]) / "failures.jsonl"))

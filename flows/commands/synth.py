@@ -68,7 +68,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         task = bar.add_task("synth", total=settings.videos, detail="")
         summary = generate(args.out, settings, report=lambda n: bar.update(task, advance=n))
     out = console.out
-    out.print(f"[bold]synth[/] → {summary.out}", markup=True)
+    console.headline("synth", f" → {summary.out}")
     splits = ", ".join(f"{k} {v}" for k, v in summary.splits.items())
     out.print(f"  videos    {summary.videos} ({splits}), {summary.questions} questions, "
               f"{summary.seconds:.1f} s")
@@ -105,8 +105,8 @@ def _run_train_encoder(args: argparse.Namespace) -> int:
     settings = TrainSettings(minutes=args.minutes, seed=args.seed, batch_size=args.batch_size)
     meta = train(args.out, settings, log=console.out.print)
     held = meta["held_out"]
-    console.out.print(f"[bold]train-encoder[/] → {args.out} ({meta['steps']} steps, "
-                      f"{meta['seconds']} s)", markup=True)
+    console.headline("train-encoder", f" → {args.out} ({meta['steps']} steps, "
+                     f"{meta['seconds']} s)")
     console.out.print(f"  colour × shape top-1 (held out): {held['colour_shape_top1']:.3f}")
     console.out.print(f"  shape vs no-shape balanced accuracy: "
                       f"{held['shape_vs_none_balanced_accuracy']:.3f}")
