@@ -28,6 +28,7 @@ from pipelines.ingest import IngestSettings, ingest
 from stores import checkpoints
 from stores.errors import UserError
 from stores.manifest import build_manifest
+from stores.owned import claim
 from stores.shards import ShardSet
 
 MARKUP = ("[bold]x[/]", "[/oops]")  # a path holding these must print as it is
@@ -270,12 +271,14 @@ def test_a_damaged_model_folder_is_one_line(tmp_path):
 
 
 def test_a_damaged_checkpoint_is_one_line(tmp_path):
-    checkpoints.save_checkpoint(tmp_path, {"w": torch.ones(64)}, {"step": 3})
-    state = tmp_path / checkpoints.CHECKPOINT / "state.safetensors"
+    run = claim(tmp_path / "run", "run")
+    checkpoints.save_checkpoint(run, {"w": torch.ones(64)}, {"step": 3})
+    state = run.path / checkpoints.CHECKPOINT / "state.safetensors"
     state.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    with pytest.raises(UserError) as caught:
-        checkpoints.load_checkpoint(tmp_path)
-    assert str(caught.value).startswith(f"{state}: damaged safetensors file")
+    with pytest.raises(UserError) as caught, pytest.warns(UserWarning):
+        checkpoints.load_checkpoint(run.path)
+    assert str(caught.value).startswith(
+        f"{run.path}: no readable checkpoint ({state.parent}: damaged checkpoint skipped")
     assert "\n" not in str(caught.value)
 
 
