@@ -17,7 +17,9 @@ skips finished shards and a killed flow resumes where it stopped.
     score_flow       ingest_flow → embed_flow → select and write selections (+ export)
 
 Tasks take only picklable plain values, so the same flow runs on local threads or on a
-Dask cluster (``flows/runtime.py``).
+Dask cluster (``flows/runtime.py``). Every flow claims its output folder (stores/owned.py)
+through the stage's own claim before it writes its records there, so a user's folder is
+refused with one line before anything is written.
 """
 
 from __future__ import annotations
@@ -39,17 +41,28 @@ from pipelines.embed import (
     EmbedSettings,
     ShardFeatures,
     ShardPlan,
+    claim_features,
     compute_shards,
     embed_job,
     finish_embed,
 )
 from pipelines.encoder import SYNTH_ENCODER, Encoder, load_encoder
-from pipelines.ingest import IngestSettings, finish_ingest, ingest_job, ingest_shard
+from pipelines.ingest import (
+    IngestSettings,
+    claim_ingest,
+    finish_ingest,
+    ingest_job,
+    ingest_shard,
+)
 from stores import importers
 from stores.index import IndexSettings
 from stores.manifest import Manifest, Video, merge, read_manifest
+from stores.owned import claim
 from stores.shards import MANIFEST_FILE, shard_name
 from stores.urls import NetworkSettings
+
+# Markers of the folders only a flow makes (the stages claim their own sub-folders).
+PREPROCESS_KIND, TRAIN_FLOW_KIND = "preprocess", "train-flow"
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -104,6 +117,7 @@ def ingest_flow(inputs: list[str], out: str, settings: IngestSettings | None = N
     o = orchestration or Orchestration()
     settings = settings or IngestSettings(workers=o.workers)
     manifest = importers.from_inputs(list(inputs), settings.network)
+    claim_ingest(manifest, out, inputs)  # refused before the flow writes its records there
     with flow_record(out, "ingest", {"inputs": list(inputs), "out": out,
                                      "settings": settings.output_settings(),
                                      "orchestration": o.as_dict()}) as record:
@@ -138,6 +152,7 @@ def embed_flow(shards: str, out: str, model: str = SYNTH_ENCODER, pretrained: st
     """Frame shards (+ questions) → the feature store and its FAISS index under ``out``."""
     o = orchestration or Orchestration()
     settings = settings or EmbedSettings()
+    claim_features(shards, out)
     with flow_record(out, "embed", {"shards": shards, "out": out, "model": model,
                                     "pretrained": pretrained, "questions": questions,
                                     "orchestration": o.as_dict()}) as record:
@@ -190,6 +205,8 @@ def preprocess_flow(inputs: list[str], root: str, fps: float = 4.0, max_frames: 
     embed_settings = EmbedSettings(batch_size=batch_size, index=IndexSettings() if index else None)
     manifest = importers.from_inputs(list(inputs), settings.network)
     shards, features = str(Path(root) / "shards"), str(Path(root) / "features")
+    claim(root, PREPROCESS_KIND, inputs=[*inputs, *(v.path for v in manifest.videos)],
+          option="--root")
     with flow_record(root, "preprocess", {"inputs": list(inputs), "root": root, "fps": fps,
                                           "max_frames": max_frames, "size": size,
                                           "model": model}) as record:
@@ -219,6 +236,9 @@ def _precompute_task(shards: str, out: str, model: str, device: str | None,
 def precompute_flow(shards: str, out: str, model: str, device: str | None = None,
                     frames_per_pass: int = 32, retries: int = 1) -> dict[str, Any]:
     """The reference model's vision features of every shard (resumes by shard)."""
+    from pipelines.reference import claim_reference
+
+    claim_reference(shards, out)
     with flow_record(out, "precompute-reference", {"shards": shards, "model": model}) as record:
         o = Orchestration(retries=retries)
         record.summary = _precompute_task.with_options(**retry_options(o))(
@@ -250,6 +270,7 @@ def train_flow(store: str, out: str, reward: str = "reader", grpo: Any = None,
     from refocus.settings import GRPOSettings, ReaderTrainSettings
 
     o = Orchestration(retries=retries)
+    claim(out, TRAIN_FLOW_KIND, inputs=[store])  # OUT/reader and OUT/policy: their stages'
     with flow_record(out, "train", {"store": store, "reward": reward}) as record:
         summary: dict[str, Any] = {}
         if reward == "reader":
@@ -309,6 +330,7 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
         SHARDS,
         ScoreSettings,
         check_questions,
+        claim_score,
         encoder_args,
         find_policy,
         ingest_settings,
@@ -319,6 +341,7 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
     started = time.perf_counter()
     manifest = importers.from_inputs(list(inputs), settings.network)
     check_questions(manifest)
+    claim_score(manifest, policy, out, inputs)
     trained = find_policy(policy)
     root = Path(out)
     with flow_record(out, "score", {"inputs": list(inputs), "policy": policy, "k": settings.k,

@@ -12,12 +12,21 @@ retried, and the records a flow leaves under its data root.
   shard's marker.
 * **Records.** Each flow run appends its log to ``ROOT/logs/<flow>.log`` and writes
   ``ROOT/flow-runs/<time>-<flow>.json`` (parameters, per-task states, summary).
+* **No orphan server.** Without ``PREFECT_API_URL`` Prefect starts a temporary API server
+  process and stops it when the flow's process exits; a ``kill -9`` skips that. So the
+  command line starts that server itself (``guard_temporary_server``) together with a small
+  guard process that ends it (SIGTERM, then SIGKILL) as soon as the flow's process is gone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import select
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,3 +157,56 @@ def _flow_run_id() -> str | None:
 
     run_id = flow_run.id
     return str(run_id) if run_id else None
+
+
+# ----------------------------------------------------------------------------- the server
+
+SERVER_STOP_WAIT = 5.0  # seconds between SIGTERM and SIGKILL of an orphaned server
+GUARD_POLL = 0.2  # seconds between the guard's looks at the flow's process
+
+
+def guard_temporary_server() -> int | None:
+    """Start Prefect's temporary API server now (when no ``PREFECT_API_URL`` is set; Prefect
+    would start it lazily) and a guard process that stops it once this process is gone, even
+    after ``kill -9``. Returns the server's pid, or None when no temporary server is used."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's own clients use
+    server.start()
+    if server.server_process is None:
+        return None
+    pid = server.server_process.pid
+    subprocess.Popen([sys.executable, "-m", "flows.runtime", str(pid), str(os.getpid())],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True)
+    return pid
+
+
+def _guard(server: int, parent: int) -> None:
+    """Wait until ``parent`` (the flow's process) is gone, then stop ``server``; return at
+    once when the server ends first. A pidfd names the server, so a recycled pid is never hit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the flow, not its guard
+    try:
+        handle = os.pidfd_open(server)
+    except (AttributeError, OSError):  # not Linux ≥ 5.3, or the server is already gone
+        return
+    ended = select.poll()
+    ended.register(handle, select.POLLIN)
+    while os.getppid() == parent:
+        if ended.poll(GUARD_POLL * 1000):
+            return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            signal.pidfd_send_signal(handle, sig)
+        except ProcessLookupError:
+            return
+        if ended.poll(SERVER_STOP_WAIT * 1000):
+            return
+
+
+if __name__ == "__main__":  # the guard: python -m flows.runtime SERVER_PID PARENT_PID
+    _guard(int(sys.argv[1]), int(sys.argv[2]))

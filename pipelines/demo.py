@@ -38,8 +38,11 @@ from pipelines.synth import SynthSettings, generate
 from refocus.selectors import Learned, Uniform, uniform_indices
 from refocus.settings import GRPOSettings, ReaderTrainSettings
 from stores.manifest import read_manifest
+from stores.owned import claim
 from stores.selections import read_selections
 from stores.shards import ShardSet
+
+DEMO_KIND, REPORT_KIND = "demo", "demo-report"  # markers (stores/owned.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ QUICK = DemoSettings(synth=SynthSettings(videos=16, workers=2),
 
 def run_demo(out: str | os.PathLike[str], settings: DemoSettings = DemoSettings(),
              say: Callable[[str], None] = print) -> dict[str, Any]:
+    # Refused before any work when ``out`` is a user's folder or another kind of output;
+    # each stage then claims its own sub-folder (synth, ingest, features, …).
+    claim(out, DEMO_KIND)
     root = Path(out)
     paths = {name: root / name for name in ("corpus", "shards", "features", "reader",
                                              "policy", "eval", "fresh", "scored", "report")}
@@ -155,7 +161,7 @@ def write_report(paths: dict[str, Path], settings: DemoSettings, seconds: dict[s
                  reader: dict[str, Any], policy: dict[str, Any], table: list,
                  fresh: dict[str, Any]) -> dict[str, Any]:
     report = paths["report"]
-    report.mkdir(parents=True, exist_ok=True)
+    claim(report, REPORT_KIND)
     for name, source in (("training.png", paths["policy"] / "training.png"),
                          ("accuracy.png", paths["eval"] / "eval.png")):
         if source.exists():

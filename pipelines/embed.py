@@ -36,9 +36,10 @@ from pipelines.encoder import Encoder, format_question
 from pipelines.workers import dataloader_worker_init
 from stores import shards as shard_files
 from stores.errors import UserError
-from stores.features import FeatureWriter, Layout
+from stores.features import PROGRESS_DIR, STORE_DIR, FeatureWriter, Layout
 from stores.index import IndexSettings, build_index
 from stores.manifest import Manifest, Question
+from stores.owned import Owned, claim
 from stores.shards import SampleLocation, ShardSet
 
 
@@ -109,13 +110,41 @@ def plan(shard_set: ShardSet, batch_size: int) -> EmbedPlan:
 
 # ----------------------------------------------------------------------------- reader
 
+# Decoded pixels per frame, at most: a frame beyond it (a decompression bomb, or a shard
+# made by other tools at a huge size) is a failure of that frame, not of the run.
+MAX_FRAME_PIXELS = 64 << 20
+Image.MAX_IMAGE_PIXELS = MAX_FRAME_PIXELS  # PIL refuses twice this at open, before decoding
+
+
+class FrameError(Exception):
+    """One frame of a shard could not be decoded; its row is left a zero vector."""
+
+
+def decode_frame(data: bytes) -> Image.Image:
+    """A shard's JPEG as RGB, or FrameError (unreadable, or over ``MAX_FRAME_PIXELS``)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_FRAME_PIXELS:
+            raise FrameError(f"{width}x{height} pixels, over the cap of {MAX_FRAME_PIXELS} "
+                             "decoded pixels per frame")
+        return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise FrameError(f"over the cap of {MAX_FRAME_PIXELS} decoded pixels per frame; "
+                         "not decoded") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise FrameError(f"unreadable JPEG ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
 @dataclass
 class LoadedBatch:
     batch: Batch
-    pixels: torch.Tensor  # [rows, 3, H, W]
+    pixels: torch.Tensor  # [good rows, 3, H, W]: the rows of ``good`` only
+    good: np.ndarray  # [rows] bool: the frame decoded (else its row stays a zero vector)
     time: np.ndarray  # [rows] timestamps
     duration: dict[int, float]  # video row → duration, for videos that start in this batch
     seconds: dict[str, float]  # read / decode / preprocess
+    failures: list[str] = field(default_factory=list)  # one line per frame not decoded
 
 
 class FrameBatches(IterableDataset):
@@ -136,7 +165,7 @@ class FrameBatches(IterableDataset):
         cache: tuple[int, Any] | None = None  # the last video read: batches often share one
         for batch in self.batches[worker::workers]:
             seconds = {"read": 0.0, "decode": 0.0, "preprocess": 0.0}
-            pixels, times, durations = [], [], {}
+            pixels, good, times, durations, failures = [], [], [], {}, []
             video = int(np.searchsorted(self.offsets, batch.start, side="right") - 1)
             row = batch.start
             while row < batch.stop:
@@ -153,15 +182,24 @@ class FrameBatches(IterableDataset):
                     durations[video] = float(sample.meta.get("duration") or np.nan)
                 for i in range(first, last):
                     t1 = time.perf_counter()
-                    image = Image.open(io.BytesIO(sample.frames[i])).convert("RGB")
+                    try:
+                        image = decode_frame(sample.frames[i])
+                    except FrameError as e:
+                        good.append(False)
+                        failures.append(f"video {self.locations[video].video_id} frame {i} "
+                                        f"({self.locations[video].shard}): {e}")
+                        continue
                     t2 = time.perf_counter()
                     pixels.append(self.preprocess(image))
+                    good.append(True)
                     seconds["decode"] += t2 - t1
                     seconds["preprocess"] += time.perf_counter() - t2
                 times.extend(sample.meta["timestamps"][first:last])
                 row += last - first
                 video += 1
-            yield LoadedBatch(batch, torch.stack(pixels), np.asarray(times), durations, seconds)
+            yield LoadedBatch(batch, torch.stack(pixels) if pixels else torch.zeros(0),
+                              np.asarray(good, dtype=bool), np.asarray(times), durations,
+                              seconds, failures)
 
 
 def _keep(item: LoadedBatch) -> LoadedBatch:  # DataLoader collate: batches come ready-made
@@ -199,6 +237,7 @@ class _ShardBuffer:
     time: np.ndarray
     duration: np.ndarray
     pending: int
+    failures: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -209,6 +248,7 @@ class ShardFeatures:
     embedding: np.ndarray
     time: np.ndarray
     duration: np.ndarray
+    failures: list[str] = field(default_factory=list)  # frames that could not be decoded
 
 
 @dataclass
@@ -225,22 +265,44 @@ class EmbedJob:
     def write(self, shard: ShardFeatures) -> None:
         """The one writer: a shard's rows into Zarr, then its done marker."""
         self.writer.write_shard(shard.plan.index, shard.plan.rows, shard.embedding, shard.time,
-                                shard.plan.videos, shard.duration, {"frames": len(shard.time)})
+                                shard.plan.videos, shard.duration,
+                                {"frames": len(shard.time), "failures": shard.failures})
+
+    def failures(self) -> list[str]:
+        """The frames of every written shard that could not be decoded (from the markers,
+        so a re-run still reports them)."""
+        found: list[str] = []
+        for shard in self.plan.shards:
+            marker = self.out / PROGRESS_DIR / f"shard-{shard.index:06d}.done.json"
+            if marker.exists():
+                found += json.loads(marker.read_text(encoding="utf-8")).get("failures", [])
+        return found
+
+
+FEATURES_KIND = "features"  # the marker of a feature folder (stores/owned.py)
+
+
+def claim_features(shards_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Owned:
+    """``out`` as a feature folder: created, or one an embed made; never a user's folder,
+    nor the shards folder, inside it or holding it."""
+    return claim(out, FEATURES_KIND, inputs=[shards_dir])
 
 
 @contextmanager
 def embed_job(shards_dir: str | os.PathLike[str], out: str | os.PathLike[str],
               identity: dict[str, Any], batch_size: int) -> Iterator[EmbedJob]:
     """Plan the store for a finished ingest and hold the feature folder's lock while the
-    shards' features are computed (by ``embed``, or by a flow's mapped tasks)."""
+    shards' features are computed (by ``embed``, or by a flow's mapped tasks). ``out`` is
+    claimed as a feature folder: never a user's folder, nor the shards or inside them."""
     source = ShardSet(shards_dir)
     embed_plan = plan(source, batch_size)
+    owned = claim_features(shards_dir, out)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ingest_info = {"shards": str(Path(shards_dir).resolve()), "settings": source.plan["settings"]}
-    with shard_files.exclusive_lock(out_dir / ".embed.lock", f"feature folder {out_dir}"):
-        for stale in (out_dir / "features.zarr").rglob("*.partial"):
-            stale.unlink()  # chunk writes a killed run left half-done (never renamed)
+    with owned.lock("embed"):
+        # chunk writes a killed run left half-done (never renamed), inside the store it made
+        for stale in (owned.path / STORE_DIR).rglob("*.partial"):
+            stale.unlink()
         writer = FeatureWriter(out_dir, embed_plan.layout, identity, ingest_info)
         todo = [s for s in embed_plan.shards if not writer.done(s.index)]
         yield EmbedJob(Path(shards_dir), out_dir, embed_plan, writer, todo)
@@ -255,7 +317,8 @@ def finish_embed(job: EmbedJob, encoder: Encoder, settings: EmbedSettings,
     summary.shards_skipped = len(job.plan.shards) - len(job.todo)
     summary.frames_written = sum(s.rows.stop - s.rows.start for s in written)
     missing = [s.index for s in job.plan.shards if not job.writer.done(s.index)]
-    summary.failures = [f"input shard {i}: its features were not written" for i in missing]
+    summary.failures = job.failures()
+    summary.failures += [f"input shard {i}: its features were not written" for i in missing]
     if questions is not None:
         summary.questions, failures = _embed_questions(questions, job.plan, encoder, job.writer)
         summary.failures += failures
@@ -302,40 +365,46 @@ def compute_shards(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan
     returns the per-stage seconds. ``workers`` DataLoader processes read and preprocess."""
     timings = {"read": 0.0, "decode": 0.0, "preprocess": 0.0, "wait": 0.0, "model": 0.0,
                "write": 0.0}
-    if not todo:
-        return timings
+    buffers: dict[int, _ShardBuffer] = {}
+    for shard in todo:
+        n = shard.rows.stop - shard.rows.start
+        buffer = _ShardBuffer(
+            shard, np.zeros((n, encoder.dim), np.float16), np.zeros(n),
+            np.full(shard.videos.stop - shard.videos.start, np.nan), len(shard.batches))
+        if shard.batches:
+            buffers[shard.index] = buffer
+        else:  # every video of the shard failed to ingest: done with zero rows
+            sink(ShardFeatures(shard, buffer.embedding, buffer.time, buffer.duration))
     batches = [b for s in todo for b in s.batches]
+    if not batches:
+        return timings
     dataset = FrameBatches(shards_dir, embed_plan, batches, encoder.preprocess)
     workers = min(workers, len(batches))
     loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=workers,
                         pin_memory=encoder.device.type == "cuda",
                         worker_init_fn=dataloader_worker_init(),
                         prefetch_factor=4 if workers else None)
-    buffers: dict[int, _ShardBuffer] = {}
-    for shard in todo:
-        n = shard.rows.stop - shard.rows.start
-        buffers[shard.index] = _ShardBuffer(
-            shard, np.zeros((n, encoder.dim), np.float16), np.zeros(n),
-            np.full(shard.videos.stop - shard.videos.start, np.nan), len(shard.batches))
     mark = time.perf_counter()
     for item in loader:
         now = time.perf_counter()
         timings["wait"] += now - mark
         for k, v in item.seconds.items():
             timings[k] += v
-        features = encoder.encode_images(item.pixels)
+        buffer = buffers[item.batch.shard]
+        local = np.arange(item.batch.start, item.batch.stop)[item.good] - buffer.plan.rows.start
+        if len(local):
+            buffer.embedding[local] = encoder.encode_images(item.pixels)
         mark = time.perf_counter()
         timings["model"] += mark - now
-        buffer = buffers[item.batch.shard]
-        local = slice(item.batch.start - buffer.plan.rows.start,
-                      item.batch.stop - buffer.plan.rows.start)
-        buffer.embedding[local] = features
-        buffer.time[local] = item.time
+        buffer.time[item.batch.start - buffer.plan.rows.start:
+                    item.batch.stop - buffer.plan.rows.start] = item.time
+        buffer.failures += item.failures
         for video, duration in item.duration.items():
             buffer.duration[video - buffer.plan.videos.start] = duration
         buffer.pending -= 1
         if buffer.pending == 0:
-            sink(ShardFeatures(buffer.plan, buffer.embedding, buffer.time, buffer.duration))
+            sink(ShardFeatures(buffer.plan, buffer.embedding, buffer.time, buffer.duration,
+                               buffer.failures))
             del buffers[item.batch.shard]
         report(item.batch.stop - item.batch.start)
         done = time.perf_counter()

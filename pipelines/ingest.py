@@ -7,8 +7,8 @@ frames as JPEG, and writes the shard through ``stores.shards.ShardWriter``. A vi
 fails is recorded in its shard's marker with a one-line reason and the shard goes on.
 
 The parts are public so that a Prefect flow (``flows/orchestrate.py``) can map the same
-shard function over tasks: ``ingest_job`` (plan + folder lock), ``ingest_shard`` (one shard,
-one writer), ``finish_ingest`` (summary and failure records).
+shard function over tasks: ``ingest_job`` (owned folder, plan + folder lock), ``ingest_shard``
+(one shard, one writer), ``finish_ingest`` (summary and failure records).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -34,6 +34,7 @@ from pipelines.workers import die_with_parent
 from stores import shards
 from stores.errors import UserError
 from stores.manifest import Issue, Manifest, Video, write_manifest
+from stores.owned import Owned, claim
 from stores.urls import NetworkSettings
 
 
@@ -304,20 +305,40 @@ class IngestJob:
     started: float = field(default_factory=time.perf_counter)
 
 
+INGEST_KIND = "ingest"  # the marker of an ingest folder (stores/owned.py)
+# Temporaries an ingest writes (through a temporary name and a rename): a killed run's are
+# removed on the next start, and nothing else is.
+INGEST_TEMPORARIES = (
+    "shard-??????.tar.tmp", "shard-??????.done.json.tmp",
+    *(f"{name}.tmp" for name in (shards.PLAN_FILE, shards.MANIFEST_FILE, shards.VIDEOS_FILE,
+                                 shards.FAILURES_FILE, shards.SUMMARY_FILE)),
+)
+
+
+def claim_ingest(manifest: Manifest, out: str | os.PathLike[str],
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> Owned:
+    """``out`` as an ingest folder: created, or one an ingest made; never a user's folder,
+    nor one holding (or inside) the videos or the given ``inputs``."""
+    return claim(out, INGEST_KIND, inputs=[*inputs, *(v.path for v in manifest.videos)])
+
+
 @contextmanager
 def ingest_job(manifest: Manifest, out: str | os.PathLike[str], settings: IngestSettings,
-               retry_failed: bool = False) -> Iterator[IngestJob]:
+               retry_failed: bool = False,
+               inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[IngestJob]:
     """Plan an ingest under ``out`` and hold its folder lock while the shards are written
-    (by ``ingest``'s pool, or by a flow's mapped tasks); ``finish_ingest`` summarises."""
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (by ``ingest``'s pool, or by a flow's mapped tasks); ``finish_ingest`` summarises.
+    ``inputs`` (manifests, folders) may not be or hold ``out``, nor the videos."""
     if not manifest.videos:
         raise UserError("no videos to ingest: the inputs hold no usable video rows")
+    owned = claim_ingest(manifest, out, inputs)
+    out_dir = Path(out)
     plan = {"settings": settings.output_settings(),
             "shards": plan_shards(manifest.videos, settings.shard_size)}
-    with shards.exclusive_lock(shards.lock_path(out_dir), f"ingest folder {out_dir}"):
+    with owned.lock():
         _check_plan(out_dir, plan)
-        shards.remove_stale_temporaries(out_dir)
+        for pattern in INGEST_TEMPORARIES:
+            owned.remove_stale(pattern)
         shards.write_plan(out_dir, plan)
         write_manifest(out_dir / shards.MANIFEST_FILE, manifest)
         by_id = {v.id: v for v in manifest.videos}
@@ -326,7 +347,8 @@ def ingest_job(manifest: Manifest, out: str | os.PathLike[str], settings: Ingest
         for index, ids in enumerate(plan["shards"]):
             marker = shards.read_marker(out_dir, index)
             if marker is not None and retry_failed and marker.get("failures"):
-                shards.remove_shard(out_dir, index)
+                # its marker first, so it never looks done without its data
+                owned.remove(shards.marker_name(index), shards.shard_name(index))
                 marker = None
             if marker is None:
                 todo.append((index, [by_id[i] for i in ids]))
@@ -355,16 +377,18 @@ def ingest(
     retry_failed: bool = False,
     on_start: Callable[[int, int], None] | None = None,
     report: Callable[[VideoDone], None] | None = None,
+    inputs: Iterable[str | os.PathLike[str]] = (),
 ) -> IngestSummary:
     """Ingest ``manifest``'s videos into shards under ``out`` and return the summary.
 
     ``on_start(videos_to_do, videos_already_done)`` is called once the plan is known and
     ``report`` once per finished video (both for progress displays). ``retry_failed`` redoes
     finished shards that recorded failed videos. Manifest issues are carried into the
-    summary's failures; they do not stop the run.
+    summary's failures; they do not stop the run. ``out`` is claimed as an ingest folder
+    (``claim_ingest``): a user's folder, or one holding ``inputs`` or the videos, is refused.
     """
     report = report or (lambda event: None)
-    with ingest_job(manifest, out, settings, retry_failed) as job:
+    with ingest_job(manifest, out, settings, retry_failed, inputs) as job:
         if on_start is not None:
             on_start(sum(len(v) for _, v in job.todo), job.videos_done)
         if job.settings.workers == 1 or len(job.todo) <= 1:

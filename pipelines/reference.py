@@ -15,8 +15,9 @@ import numpy as np
 
 from refocus.lmm import LMMScorer
 from refocus.lmm_reference import decode_jpeg, scorer_identity
-from stores.reference import ReferenceStore, ShardFeatures
-from stores.shards import ShardSet, exclusive_lock, write_json_atomic
+from stores.owned import Owned, claim
+from stores.reference import KIND, ReferenceStore, ShardFeatures
+from stores.shards import ShardSet, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -24,17 +25,23 @@ class PrecomputeSettings:
     frames_per_pass: int = 32  # frames through the vision tower at once
 
 
+def claim_reference(shards: str | os.PathLike[str], out: str | os.PathLike[str]) -> Owned:
+    """``out`` as a reference folder: created, or one precompute-reference made; never a
+    user's folder, nor the shards folder, inside it or holding it."""
+    return claim(out, KIND, inputs=[shards])
+
+
 def precompute_reference(shards: str | os.PathLike[str], out: str | os.PathLike[str],
                          scorer: LMMScorer, settings: PrecomputeSettings = PrecomputeSettings(),
                          on_video: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     shard_set = ShardSet(shards)
+    owned = claim_reference(shards, out)
     store = ReferenceStore(out)
-    store.directory.mkdir(parents=True, exist_ok=True)
     timings = {"read": 0.0, "vision": 0.0, "write": 0.0}
     written = skipped = frames = 0
     lookup = shard_set.lookup()
-    with exclusive_lock(store.directory / ".locks" / "reference.lock", f"{store.directory}"):
+    with owned.lock():
         store.open_for_writing({"model": scorer.name, "model_id": scorer_identity(scorer),
                                 "shards": str(Path(shards).resolve()), "multi_image": True})
         for marker in shard_set.markers():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from stores import shards as shard_files
 from stores.errors import UserError
 from stores.features import FeatureStore, same_encoder
 from stores.manifest import Manifest
+from stores.owned import Owned, claim
 from stores.selections import (
     FrameSelection,
     SelectionsMeta,
@@ -224,13 +225,28 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
     return written
 
 
+SCORE_KIND = "score"  # the marker of a score folder (stores/owned.py)
+
+
+def claim_score(manifest: Manifest, policy_path: str | os.PathLike[str],
+                out: str | os.PathLike[str],
+                inputs: Iterable[str | os.PathLike[str]] = ()) -> Owned:
+    """``out`` as a score folder: created, or one a score made; never a user's folder, nor
+    the policy, the videos or the given ``inputs`` (or a folder holding them)."""
+    return claim(out, SCORE_KIND,
+                 inputs=[policy_path, *inputs, *(v.path for v in manifest.videos)])
+
+
 def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os.PathLike[str],
           settings: ScoreSettings = ScoreSettings(),
-          say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Ingest, embed and select for ``manifest``'s questions; returns the summary."""
+          say: Callable[[str], None] = lambda line: None,
+          inputs: Iterable[str | os.PathLike[str]] = ()) -> dict[str, Any]:
+    """Ingest, embed and select for ``manifest``'s questions; returns the summary.
+    ``out`` is claimed first (``claim_score``); its shards/ and features/ by ingest and embed."""
     started = time.perf_counter()
     root = Path(out)
     check_questions(manifest)
+    claim_score(manifest, policy_path, out, inputs)
     policy = find_policy(policy_path)
     seconds: dict[str, float] = {}
     tick = time.perf_counter()

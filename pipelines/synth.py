@@ -35,6 +35,7 @@ import numpy as np
 
 from pipelines.workers import die_with_parent
 from stores.manifest import build_manifest, write_manifest
+from stores.owned import claim
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35), "green": (30, 170, 60), "blue": (35, 75, 225),
@@ -43,6 +44,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "first", "last", "count", "after")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+SYNTH_KIND = "synth"  # the marker of a synthetic corpus folder (stores/owned.py)
 
 
 @dataclass(frozen=True)
@@ -460,7 +462,7 @@ def generate(out: str | os.PathLike[str], settings: SynthSettings,
     import time
 
     started = time.perf_counter()
-    folder = Path(out)
+    folder = Path(claim(out, SYNTH_KIND))  # refocus's own folder or a new one, never a user's
     (folder / "videos").mkdir(parents=True, exist_ok=True)
     jobs = [(i, settings, str(folder)) for i in range(settings.videos)]
     rows: list[dict[str, Any]] = []

@@ -39,8 +39,10 @@ from pipelines.decode import DecodeSettings, VideoDecoder
 from pipelines.encoder import SYNTH_ENCODER, Encoder, file_sha256, format_question, load_encoder
 from pipelines.ingest import encode_jpeg
 from pipelines.workers import dataloader_worker_init
+from stores.owned import claim
 
 NAME = SYNTH_ENCODER
+ENCODER_KIND = "encoder"  # the marker of a train-encoder folder (stores/owned.py)
 ARCHITECTURE: dict[str, Any] = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32,
@@ -184,8 +186,7 @@ def train(out: str | os.PathLike[str], settings: TrainSettings,
     held-out metrics) under ``out``."""
     from safetensors.torch import save_file
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(claim(out, ENCODER_KIND))  # refocus's own folder or a new one
     config = folder / f"{NAME}.json"
     config.write_text(json.dumps(ARCHITECTURE, indent=1))
     torch.manual_seed(settings.seed)

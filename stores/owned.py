@@ -43,11 +43,12 @@ MADE_NAMES = (
     "checkpoint", "policy", "policy-last", "reader", "config.json", "weights.safetensors",
     "metrics.jsonl", "summary.json", "training.png", "complete.json", "videos.jsonl",
     "failures.jsonl", "selections.*", "frames", "frames-??????.tar", "exported-*",
-    "q-*", LOCKS,
+    "q-*", LOCKS, "shard-??????",
 )
 
 
-def _is_made(name: str) -> bool:
+def is_made(name: str) -> bool:
+    """Is ``name`` one refocus makes inside its folders (:data:`MADE_NAMES`)?"""
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in MADE_NAMES)
 
 
@@ -95,7 +96,7 @@ class Owned:
         """Delete entries of this folder by name (files or folders); only names refocus makes
         are allowed, and missing ones are skipped."""
         for name in names:
-            if "/" in name or name in ("", ".", "..") or not _is_made(name):
+            if "/" in name or name in ("", ".", "..") or not is_made(name):
                 raise ValueError(f"refocus does not delete {name!r}: not a name it makes")
             target = self.path / name
             if target.is_dir() and not target.is_symlink():

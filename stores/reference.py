@@ -27,9 +27,11 @@ import numpy as np
 import zarr
 
 from stores.errors import UserError
+from stores.owned import is_made, output_kind
 from stores.shards import write_json_atomic
 
 FORMAT = "refocus-reference"
+KIND = "reference"  # the marker of a reference folder (stores/owned.py)
 
 
 @dataclass
@@ -69,9 +71,13 @@ class ReferenceStore:
         return (self.progress / f"{shard}.done.json").exists()
 
     def write_shard(self, shard: str, features: ShardFeatures) -> None:
+        if not is_made(shard) or output_kind(self.directory) != KIND:
+            raise ValueError(f"{self.directory}: write {shard!r} only into a reference folder "
+                             "claimed with stores.owned.claim (a made shard-NNNNNN name)")
         root = zarr.open_group(str(self.root), mode="a")
         if shard in root:
-            shutil.rmtree(self.root / shard)  # an interrupted write: redo it whole
+            # an interrupted write: redo it whole (a group refocus named, in a folder it owns)
+            shutil.rmtree(self.root / shard)
         group = root.create_group(shard)
         arrays = {"tokens": features.tokens.astype(np.float16),
                   "token_offsets": features.token_offsets.astype(np.int64),

@@ -284,3 +284,87 @@ def test_fast_whole_array_reads_equal_zarr_reads(store, tmp_path):
     compressed = group.create_array("b", shape=(10, 3), chunks=(4, 3), dtype="float32")
     compressed[...] = np.arange(30, dtype=np.float32).reshape(10, 3)
     assert np.array_equal(read_array(compressed, tmp_path / "z" / "b"), compressed[...])
+
+
+# ----------------------------------------------------------------------------- failed inputs
+
+
+def test_a_shard_whose_videos_all_failed_is_done_and_the_index_is_built(tmp_path, videos,
+                                                                        tiny_clip, capsys):
+    """Shard 0 holds only corrupted.mp4 (zero rows), shard 1 a good video: embed marks both
+    done and builds the index; a second run does no work and ends the same way."""
+    manifest = tmp_path / "corpus.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"id": "broken", "path": str(videos / "corrupted.mp4")},
+        {"id": "good", "path": str(videos / "realshort.mp4")})))
+    shards, out = tmp_path / "shards", tmp_path / "features"
+    assert main(["ingest", str(manifest), "--out", str(shards), "--shard-size", "1",
+                 "--workers", "1", "--fps", "2", "--size", "64"]) == EXIT_FAILURES
+    assert [m["videos"] for m in ShardSet(shards).markers()] == [0, 1]
+    first = embed_cli(shards, out, tiny_clip)
+    summary = json.loads((out / "summary.json").read_text())
+    assert first == EXIT_OK, summary["failures"]
+    assert summary["shards_written"] == 2 and summary["index"]["frames"] == summary["frames"]
+    assert sorted(p.name for p in (out / "progress").glob("shard-*.done.json")) == [
+        "shard-000000.done.json", "shard-000001.done.json"]
+    n_frames = len(ShardSet(shards).read("good").frames)
+    assert FrameIndex(out).store.n_frames == n_frames > 0
+    again = embed_cli(shards, out, tiny_clip)
+    summary = json.loads((out / "summary.json").read_text())
+    assert again == first
+    assert summary["shards_written"] == 0 and summary["shards_skipped"] == 2
+    assert summary["frames_written"] == 0
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is patched to declare ``width``×``height``
+    pixels: tiny on disk, a decompression bomb to a decoder."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_frame_over_the_pixel_cap_fails_alone(tmp_path, videos, tiny_clip):
+    """Two frames of a shard declare 400 and 81 Mpx: each is one recorded failure (its row a
+    zero vector), every other frame lands equal to the model's forward, exit 1, and a re-run
+    still reports them."""
+    from pipelines.embed import MAX_FRAME_PIXELS
+    from stores import shards as shard_files
+
+    assert 2 * MAX_FRAME_PIXELS < 20000 * 20000 and MAX_FRAME_PIXELS < 9000 * 9000
+    shards = tmp_path / "shards"
+    assert main(["ingest", str(videos / "realshort.mp4"), "--out", str(shards), "--fps", "4",
+                 "--size", "64", "--workers", "1"]) == EXIT_OK
+    sample = ShardSet(shards).read("realshort")
+    frames = list(sample.frames)
+    assert len(frames) >= 4
+    bombs = {1: jpeg_declaring(20000, 20000), 3: jpeg_declaring(9000, 9000)}
+    for i, data in bombs.items():
+        frames[i] = data
+    old = shard_files.read_marker(shards, 0)
+    writer = shard_files.ShardWriter(shards, 0)  # the shard rewritten with the crafted frames
+    writer.add("realshort", sample.meta, frames)
+    writer.commit({k: v for k, v in old.items() if k not in ("version", "shard", "bytes",
+                                                              "samples")})
+    out = tmp_path / "features"
+    assert embed_cli(shards, out, tiny_clip) == EXIT_FAILURES
+    failures = json.loads((out / "summary.json").read_text())["failures"]
+    assert len(failures) == 2
+    for i, line in zip(sorted(bombs), failures, strict=True):
+        assert f"video realshort frame {i} " in line and "pixels" in line and "\n" not in line
+    features = FeatureStore(out).load()
+    assert len(features.frame_embedding) == len(frames)
+    np.testing.assert_array_equal(features.frame_time, sample.meta["timestamps"])
+    encoder = load_encoder(str(tiny_clip[0]), str(tiny_clip[1]))
+    for i, jpeg in enumerate(frames):
+        stored = features.frame_embedding[i].astype(np.float32)
+        if i in bombs:
+            assert not stored.any()
+            continue
+        pixels = encoder.preprocess(Image.open(io.BytesIO(jpeg)).convert("RGB"))[None]
+        np.testing.assert_allclose(stored, encoder.encode_images(pixels)[0], atol=2e-3, rtol=0)
+    assert embed_cli(shards, out, tiny_clip) == EXIT_FAILURES
+    assert json.loads((out / "summary.json").read_text())["failures"] == failures

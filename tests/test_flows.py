@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import kill_parent_and_wait_for_workers
+from conftest import _live_members, kill_parent_and_wait_for_workers
 
 from flows import orchestrate
 from flows.cli import main
@@ -28,6 +29,7 @@ from pipelines.synth import SynthSettings, generate
 from stores.errors import UserError
 from stores.manifest import read_manifest
 
+REFOCUS = str(Path(sys.executable).parent / "refocus")
 VIDEOS = 8
 SHARD_SIZE = 1  # a shard per video: many tasks, and room to kill a run between them
 ARRAYS = ["frames/embedding", "frames/time", "frames/video", "videos/offsets",
@@ -140,6 +142,43 @@ def test_a_killed_flow_resumes_without_redoing_finished_shards(prefect_api, corp
         tar = name.replace(".done.json", ".tar")
         assert (tmp_path / "shards" / tar).stat().st_mtime_ns == tars[name]
     assert_same_stores(tmp_path, plain)
+
+
+def _children(parent: int) -> dict[int, str]:
+    """Live child processes of ``parent``: pid → command line."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found[int(stat.parent.name)] = cmdline
+    return found
+
+
+def test_a_killed_flow_leaves_no_prefect_server_behind(corpus, tmp_path):
+    """``refocus flow preprocess`` without PREFECT_API_URL runs Prefect's temporary API
+    server; kill -9 of the flow's process takes that server with it."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    cmd = [REFOCUS, "flow", "preprocess", str(corpus), "--root", str(tmp_path),
+           "--shard-size", str(SHARD_SIZE), "--workers", "1", "--no-index"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        running = tmp_path / "logs" / "preprocess.log"  # the flow's body has started
+        deadline = time.monotonic() + 120
+        while not running.exists():
+            assert proc.poll() is None, "the flow ended before it could be killed"
+            assert time.monotonic() < deadline, "the flow did not start in time"
+            time.sleep(0.05)
+        servers = [pid for pid, cmdline in _children(proc.pid).items() if "uvicorn" in cmdline]
+        assert len(servers) == 1, _children(proc.pid)  # the temporary server is running
+        kill_parent_and_wait_for_workers(proc, timeout=20)  # the server included
+    finally:  # whatever outlived the flow (the server, on the old code)
+        for pid in _live_members(proc.pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_transient_errors_are_retried_and_bad_input_is_not(prefect_api, corpus, plain,

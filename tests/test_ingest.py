@@ -161,10 +161,9 @@ def test_other_settings_on_an_existing_folder_are_refused(tmp_path, videos, caps
 
 def test_a_folder_in_use_is_refused(tmp_path, videos, capsys):
     out = tmp_path / "out"
-    holder = subprocess.Popen(  # another process holds the folder's lock
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from stores.shards import exclusive_lock, lock_path\n"
-         f"with exclusive_lock(lock_path(Path({str(out)!r})), 'x'):\n"
+    holder = subprocess.Popen(  # another process holds the (ingest) folder's lock
+        [sys.executable, "-c", "import sys, time; from stores.owned import claim\n"
+         f"with claim({str(out)!r}, 'ingest').lock():\n"
          "    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:

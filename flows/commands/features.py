@@ -77,10 +77,11 @@ def _questions(args: argparse.Namespace) -> Any:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    from pipelines.embed import EmbedSettings, embed, plan
+    from pipelines.embed import EmbedSettings, claim_features, embed, plan
     from pipelines.encoder import load_encoder
 
     plan(ShardSet(args.shards), args.batch_size)  # a bad --shards fails before the model loads
+    claim_features(args.shards, args.out)  # and so does a bad --out
     encoder = load_encoder(args.model, args.pretrained, args.device)
     index = None if args.no_index else IndexSettings(ivf_threshold=args.ivf_threshold)
     settings = EmbedSettings(batch_size=args.batch_size, workers=args.workers, index=index)

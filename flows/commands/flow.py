@@ -152,8 +152,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- running
 
-def _prefect_environment() -> None:
+def _prefect_environment(temporary_server: bool = True) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT)
+    if temporary_server:  # (when PREFECT_API_URL is unset) stopped even after kill -9 of this
+        from flows.runtime import guard_temporary_server
+
+        guard_temporary_server()
 
 
 def _orchestration(args: argparse.Namespace) -> Any:
@@ -260,7 +264,7 @@ def deployment(args: argparse.Namespace) -> Any:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    _prefect_environment(temporary_server=False)  # serve needs a running server
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL
 

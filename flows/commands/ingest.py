@@ -95,7 +95,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
             bar.update(task, advance=1, detail=f"{frames} frames")
 
         summary = ingest(manifest, args.out, settings, retry_failed=args.retry_failed,
-                         on_start=on_start, report=report)
+                         on_start=on_start, report=report, inputs=args.inputs)
     _print_ingest_summary(summary)
     return EXIT_FAILURES if summary.failures else EXIT_OK
 

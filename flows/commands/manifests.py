@@ -9,6 +9,7 @@ from flows import console
 from flows.options import EXIT_FAILURES, EXIT_OK, Formatter, add_command
 from stores import importers
 from stores.manifest import read_manifest, write_manifest
+from stores.owned import check_output_file
 
 
 def add_import(sub: argparse._SubParsersAction) -> None:
@@ -82,11 +83,25 @@ def add_import(sub: argparse._SubParsersAction) -> None:
     f.add_argument("folder", type=Path)
     for parser in (q, g, v, lvb, m, f):
         parser.add_argument("-o", "--out", type=Path, required=True, metavar="FILE",
-                            help="manifest to write (.jsonl)")
+                            help="manifest to write (.jsonl); an existing file is refused")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace FILE when it exists")
     p.set_defaults(run=_run_import)
 
 
+ANNOTATIONS = ("csv", "evidence", "file", "files")  # the annotation arguments of the formats
+
+
+def _annotation_files(args: argparse.Namespace) -> list[Path]:
+    found: list[Path] = []
+    for name in ANNOTATIONS:
+        value = getattr(args, name, None)
+        found += value if isinstance(value, list) else [value] if value else []
+    return found
+
+
 def _run_import(args: argparse.Namespace) -> int:
+    check_output_file(args.out, overwrite=args.overwrite, inputs=_annotation_files(args))
     if args.format == "nextqa":
         manifest = importers.import_nextqa(args.csv, args.videos, args.split)
     elif args.format == "nextgqa":

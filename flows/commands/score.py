@@ -72,7 +72,7 @@ def _run_score(args: argparse.Namespace) -> int:
     manifest = importers.from_inputs(list(args.inputs), settings.network)
     with console.err.status("scoring …") as status:
         summary = score(manifest, args.policy, args.out, settings,
-                        say=lambda line: status.update(line))
+                        say=lambda line: status.update(line), inputs=args.inputs)
     print_score_summary(summary)
     return EXIT_FAILURES if summary["failures"] else EXIT_OK
 

@@ -86,8 +86,8 @@ def add_train_encoder(sub: argparse._SubParsersAction) -> None:
         sub, "train-encoder", "train the small CLIP encoder of the synthetic world",
         "Train the small open_clip model that refocus ships (refocus-synth) on frames and\n"
         "captions of the synthetic world, then measure it zero-shot on held-out videos.\n"
-        "The bundled one was made with the defaults; to replace it, train into\n"
-        "pipelines/assets.\n\n"
+        "The bundled one was made with the defaults; to replace it, train into a new\n"
+        "folder and copy its three refocus-synth.* files into pipelines/assets.\n\n"
         "example:\n"
         "  refocus train-encoder --out my_encoder --minutes 25",
     )
