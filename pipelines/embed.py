@@ -17,7 +17,6 @@ reader → mapper → writer, each testable alone:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.encoder import Encoder, format_question
 from pipelines.workers import dataloader_worker_init
+from stores import frames
 from stores import shards as shard_files
 from stores.errors import UserError
 from stores.features import PROGRESS_DIR, STORE_DIR, FeatureWriter, Layout
@@ -110,28 +110,17 @@ def plan(shard_set: ShardSet, batch_size: int) -> EmbedPlan:
 
 # ----------------------------------------------------------------------------- reader
 
-# Decoded pixels per frame, at most: a frame beyond it (a decompression bomb, or a shard
-# made by other tools at a huge size) is a failure of that frame, not of the run.
-MAX_FRAME_PIXELS = 64 << 20
-Image.MAX_IMAGE_PIXELS = MAX_FRAME_PIXELS  # PIL refuses twice this at open, before decoding
-
-
 class FrameError(Exception):
     """One frame of a shard could not be decoded; its row is left a zero vector."""
 
 
 def decode_frame(data: bytes) -> Image.Image:
-    """A shard's JPEG as RGB, or FrameError (unreadable, or over ``MAX_FRAME_PIXELS``)."""
+    """A shard's JPEG as RGB, or FrameError (unreadable, or over
+    ``stores.frames.MAX_FRAME_PIXELS``: a decompression bomb fails its frame, not the run)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_FRAME_PIXELS:
-            raise FrameError(f"{width}x{height} pixels, over the cap of {MAX_FRAME_PIXELS} "
-                             "decoded pixels per frame")
-        return image.convert("RGB")
-    except Image.DecompressionBombError:
-        raise FrameError(f"over the cap of {MAX_FRAME_PIXELS} decoded pixels per frame; "
-                         "not decoded") from None
+        return frames.decode_frame(data)
+    except frames.FrameTooLarge as e:
+        raise FrameError(str(e)) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise FrameError(f"unreadable JPEG ({type(e).__name__}: {e})".splitlines()[0]) from None
 

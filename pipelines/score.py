@@ -154,26 +154,16 @@ def select(features: str | os.PathLike[str], manifest_paths: list[Path], policy_
     return rows
 
 
-JPEG_FRAMES = ("[0-9]*_*s.jpg", "*.tmp", "selection.json")  # what a question's
-# export folder holds; cleared before it is written again
+JPEG_FRAMES = ("???_*s.jpg", "*.tmp", "selection.json")  # what a question's export folder
+# holds (stores.owned.MADE_NAMES); cleared before it is written again
+EXPORT_SHARDS = ("shard-??????.tar", "shard-??????.done.json")
 
 
-def _clear_made(folder: Path, patterns: tuple[str, ...]) -> None:
-    """Delete the files in ``folder`` that match ``patterns`` (what export writes there)."""
-    for pattern in patterns:
-        for path in folder.glob(pattern):
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-
-
-def _remove_stale_shards(out: Path, count: int) -> None:
+def _remove_stale_shards(out: Owned, count: int) -> None:
     """Delete WebDataset export shards (and their markers) numbered ``count`` and above,
     left by an earlier export of more questions."""
-    made = [p.name for pattern in ("shard-??????.tar", "shard-??????.done.json")
-            for p in out.glob(pattern)]
-    for index in sorted({int(name[6:12]) for name in made}):
-        if index >= count:
-            shard_files.remove_shard(out, index)
+    made = [p.name for pattern in EXPORT_SHARDS for p in out.path.glob(pattern)]
+    out.remove(*sorted(name for name in made if int(name[6:12]) >= count))
 
 
 def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind: str,
@@ -184,6 +174,7 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
     JPEG folder, cleared of earlier frames first, or a WebDataset sample; WebDataset shards
     of an earlier, larger export are removed."""
     keys = export_keys(rows)
+    owned = claim(out, f"frames-{kind}", inputs=[shards_dir])
     source = ShardSet(shards_dir)
     lookup = source.lookup()
     written = 0
@@ -197,9 +188,10 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
 
     if kind == "jpeg":
         for row in rows:
-            folder = out / keys[row.qid]
-            folder.mkdir(parents=True, exist_ok=True)
-            _clear_made(folder, JPEG_FRAMES)
+            folder = owned.path / keys[row.qid]
+            folder.mkdir(exist_ok=True)
+            for pattern in JPEG_FRAMES:  # a folder named by its export key: made here
+                Owned(folder, owned.kind).remove_stale(pattern)
             for rank, (jpeg, t) in enumerate(zip(chosen(row), row.timestamps, strict=True)):
                 path = folder / f"{rank:03d}_{t:010.3f}s.jpg"
                 tmp = path.with_name(path.name + ".tmp")
@@ -208,11 +200,10 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
                 written += 1
             shard_files.write_json_atomic(folder / "selection.json", row.__dict__)
     elif kind == "webdataset":
-        out.mkdir(parents=True, exist_ok=True)
         starts = range(0, len(rows), shard_size)
-        _remove_stale_shards(out, len(starts))
+        _remove_stale_shards(owned, len(starts))
         for index, start in enumerate(starts):
-            writer = shard_files.ShardWriter(out, index)
+            writer = shard_files.ShardWriter(owned.path, index)
             try:
                 for row in rows[start:start + shard_size]:
                     jpegs = chosen(row)

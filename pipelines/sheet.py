@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from stores.frames import decode_frame
 from stores.index import Hit
 from stores.shards import ShardSet
 
@@ -30,7 +30,7 @@ def contact_sheet(hits: list[Hit], shards_dir: str | os.PathLike[str],
     for rank, hit in enumerate(hits):
         if hit.video_id not in cache:
             cache[hit.video_id] = shard_set.read(hit.video_id, lookup[hit.video_id]).frames
-        image = Image.open(io.BytesIO(cache[hit.video_id][hit.frame])).convert("RGB")
+        image = decode_frame(cache[hit.video_id][hit.frame], f"{hit.video_id} frame {hit.frame}")
         image.thumbnail((thumb, thumb))
         x = (rank % columns) * thumb
         y = header + (rank // columns) * (thumb + caption)

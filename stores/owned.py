@@ -43,7 +43,7 @@ MADE_NAMES = (
     "checkpoint", "policy", "policy-last", "reader", "config.json", "weights.safetensors",
     "metrics.jsonl", "summary.json", "training.png", "complete.json", "videos.jsonl",
     "failures.jsonl", "selections.*", "frames", "frames-??????.tar", "exported-*",
-    "q-*", LOCKS, "shard-??????",
+    "q-*", LOCKS, "shard-??????", "???_*s.jpg", "selection.json",
 )
 
 

@@ -237,20 +237,6 @@ def read_marker(directory: Path, index: int) -> dict[str, Any] | None:
                                               f"(it rewrites {shard_name(index)})")
 
 
-def remove_shard(directory: Path, index: int) -> None:
-    """Forget a shard (its marker first, so it never looks done without its data)."""
-    (directory / marker_name(index)).unlink(missing_ok=True)
-    (directory / shard_name(index)).unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete ``*.tmp`` left by a killed run (call only while holding the folder's lock)."""
-    stale = sorted(directory.glob("*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
 @dataclass
 class Sample:
     """A video read back from a shard: its metadata and its JPEG frames in time order."""

@@ -174,6 +174,14 @@ def test_search_command_prints_hits_and_writes_a_contact_sheet(store, tiny_clip,
         assert float(t) == pytest.approx(features.frame_time[row], abs=1e-3)
     image = Image.open(sheet)
     assert image.format == "PNG" and image.size[0] == 4 * 256
+    mine = sheet.read_bytes()  # from here on the user's file: refused unless --overwrite
+    capsys.readouterr()
+    assert main(["search", "--store", str(store), "a hand sign", "--k", "2",
+                 "--sheet", str(sheet)]) == EXIT_USAGE
+    assert "--overwrite" in capsys.readouterr().err and sheet.read_bytes() == mine
+    assert main(["search", "--store", str(store), "a hand sign", "--k", "2",
+                 "--sheet", str(sheet), "--overwrite"]) == EXIT_OK
+    assert sheet.read_bytes() != mine
 
 
 def test_another_encoder_is_refused(store, tmp_path, sample_shards, capsys):
@@ -331,8 +339,8 @@ def test_a_frame_over_the_pixel_cap_fails_alone(tmp_path, videos, tiny_clip):
     """Two frames of a shard declare 400 and 81 Mpx: each is one recorded failure (its row a
     zero vector), every other frame lands equal to the model's forward, exit 1, and a re-run
     still reports them."""
-    from pipelines.embed import MAX_FRAME_PIXELS
     from stores import shards as shard_files
+    from stores.frames import MAX_FRAME_PIXELS
 
     assert 2 * MAX_FRAME_PIXELS < 20000 * 20000 and MAX_FRAME_PIXELS < 9000 * 9000
     shards = tmp_path / "shards"

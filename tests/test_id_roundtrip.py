@@ -42,7 +42,7 @@ TIMES = [0.0, 0.5, 1.0]
 
 def make_shards(folder: Path, videos: dict[str, list[bytes]]) -> Path:
     """A real, finished ingest folder: one shard holding ``videos`` (id → JPEG frames)."""
-    write_plan(folder, {"shards": [list(videos)]})
+    write_plan(folder, {"settings": {}, "shards": [list(videos)]})
     writer = ShardWriter(folder, 0)
     for vid, frames in videos.items():
         writer.add(vid, {"id": vid, "timestamps": TIMES[:len(frames)]}, frames)

@@ -77,7 +77,7 @@ LONG_IDS = ["a" * 95, "b" * 150, "c" * 200, "é" * 100, "漢" * 66, "mixed-é" +
 
 def write_shard(folder: Path, samples: dict[str, list[bytes]]) -> Path:
     """A finished shard of ``samples`` (id → frames) with its plan, as ingest leaves it."""
-    write_plan(folder, {"shards": [list(samples)]})
+    write_plan(folder, {"settings": {}, "shards": [list(samples)]})
     writer = ShardWriter(folder, 0)
     for key, frames in samples.items():
         writer.add(key, {"id": key, "frames": len(frames)}, frames)
@@ -107,7 +107,7 @@ def test_every_valid_id_is_written_and_read_back(tmp_path, key):
 
 
 def test_a_sample_that_fails_leaves_nothing_in_the_shard(tmp_path):
-    write_plan(tmp_path, {"shards": [["bad", "good"]]})
+    write_plan(tmp_path, {"settings": {}, "shards": [["bad", "good"]]})
     writer = ShardWriter(tmp_path, 0)
     with pytest.raises(TypeError):
         writer.add("bad", {"id": "bad"}, [b"\xff\xd8ok", "not bytes"])  # type: ignore[list-item]

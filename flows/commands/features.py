@@ -20,6 +20,7 @@ from flows.options import (
 from stores.features import FeatureStore
 from stores.index import FrameIndex, IndexSettings
 from stores.manifest import merge, read_manifest
+from stores.owned import check_output_file
 from stores.shards import MANIFEST_FILE, ShardSet
 
 DEFAULT_MODEL = "refocus-synth"  # the bundled encoder; real corpora name a real CLIP
@@ -128,6 +129,8 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=positive_int, default=10, help="how many frames")
     p.add_argument("--sheet", type=Path, metavar="PNG",
                    help="also write a contact sheet of the hits (frames from the shards)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --sheet file (refused otherwise)")
     _add_encoder_options(p, None, None)
     p.set_defaults(run=_run_search)
 
@@ -136,6 +139,8 @@ def _run_search(args: argparse.Namespace) -> int:
     from pipelines.encoder import load_encoder, load_encoder_of
     from pipelines.sheet import contact_sheet
 
+    if args.sheet:  # refused before any work
+        check_output_file(args.sheet, overwrite=args.overwrite, inputs=[args.store])
     index = FrameIndex(args.store)
     store = index.store
     if args.model:
