@@ -66,8 +66,12 @@ def run_demo(out: str | os.PathLike[str], settings: DemoSettings = DemoSettings(
              say: Callable[[str], None] = print) -> dict[str, Any]:
     # Refused before any work when ``out`` is a user's folder or another kind of output;
     # each stage then claims its own sub-folder (synth, ingest, features, …).
-    claim(out, DEMO_KIND)
-    root = Path(out)
+    owned = claim(out, DEMO_KIND)
+    with owned.lock():
+        return _run_demo(Path(out), settings, say)
+
+
+def _run_demo(root: Path, settings: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
     paths = {name: root / name for name in ("corpus", "shards", "features", "reader",
                                              "policy", "eval", "fresh", "scored", "report")}
     seconds: dict[str, float] = {}

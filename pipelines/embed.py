@@ -288,7 +288,7 @@ def embed_job(shards_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     owned = claim_features(shards_dir, out)
     out_dir = Path(out)
     ingest_info = {"shards": str(Path(shards_dir).resolve()), "settings": source.plan["settings"]}
-    with owned.lock("embed"):
+    with owned.lock():
         # chunk writes a killed run left half-done (never renamed), inside the store it made
         for stale in (owned.path / STORE_DIR).rglob("*.partial"):
             stale.unlink()

@@ -234,10 +234,14 @@ def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os
           inputs: Iterable[str | os.PathLike[str]] = ()) -> dict[str, Any]:
     """Ingest, embed and select for ``manifest``'s questions; returns the summary.
     ``out`` is claimed first (``claim_score``); its shards/ and features/ by ingest and embed."""
-    started = time.perf_counter()
-    root = Path(out)
     check_questions(manifest)
-    claim_score(manifest, policy_path, out, inputs)
+    with claim_score(manifest, policy_path, out, inputs).lock():
+        return _score(manifest, policy_path, Path(out), settings, say)
+
+
+def _score(manifest: Manifest, policy_path: str | os.PathLike[str], root: Path,
+           settings: ScoreSettings, say: Callable[[str], None]) -> dict[str, Any]:
+    started = time.perf_counter()
     policy = find_policy(policy_path)
     seconds: dict[str, float] = {}
     tick = time.perf_counter()

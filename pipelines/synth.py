@@ -459,10 +459,16 @@ def generate(out: str | os.PathLike[str], settings: SynthSettings,
              report: Callable[[int], None] | None = None) -> SynthSummary:
     """Write ``settings.videos`` videos under ``out/videos`` and ``out/manifest.jsonl``
     (and ``out/synth_report.json``). The same settings always give the same corpus."""
+    owned = claim(out, SYNTH_KIND)  # refocus's own folder or a new one, never a user's
+    with owned.lock():
+        return _generate(owned.path, settings, report)
+
+
+def _generate(folder: Path, settings: SynthSettings,
+              report: Callable[[int], None] | None) -> SynthSummary:
     import time
 
     started = time.perf_counter()
-    folder = Path(claim(out, SYNTH_KIND))  # refocus's own folder or a new one, never a user's
     (folder / "videos").mkdir(parents=True, exist_ok=True)
     jobs = [(i, settings, str(folder)) for i in range(settings.videos)]
     rows: list[dict[str, Any]] = []

@@ -184,9 +184,14 @@ def train(out: str | os.PathLike[str], settings: TrainSettings,
     """Train for ``settings.minutes`` and write ``<NAME>.json`` (architecture),
     ``<NAME>.safetensors`` (float16 weights) and ``<NAME>.meta.json`` (hash, settings,
     held-out metrics) under ``out``."""
+    owned = claim(out, ENCODER_KIND)  # refocus's own folder or a new one
+    with owned.lock():
+        return _train(owned.path, settings, log)
+
+
+def _train(folder: Path, settings: TrainSettings, log: Callable[[str], None]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    folder = Path(claim(out, ENCODER_KIND))  # refocus's own folder or a new one
     config = folder / f"{NAME}.json"
     config.write_text(json.dumps(ARCHITECTURE, indent=1))
     torch.manual_seed(settings.seed)

@@ -219,6 +219,30 @@ def test_a_command_refuses_a_folder_it_does_not_own(command, folder, tmp_path, s
     assert expected in err and str(out) in err
 
 
+KINDS = {"ingest": "ingest", "embed": "features", "score": "score", "synth": "synth",
+         "train-encoder": "encoder", "demo": "demo"}
+
+
+@pytest.mark.parametrize("command", list(KINDS))
+def test_a_command_refuses_its_folder_while_another_run_holds_it(command, tmp_path, small_shards,
+                                                                 corpus, shared_data, capsys):
+    """A second run on the same folder (here: a real process holding the folder's lock, as a
+    first run does) is one line, exit 2, and the folder is unchanged."""
+    out = claim(tmp_path / "out", KINDS[command]).path
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from stores.owned import claim\n"
+         f"with claim({str(out)!r}, {KINDS[command]!r}).lock():\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = refused(capsys, _argv(command, out, small_shards, corpus, shared_data), out)
+        assert "in use by another process" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.parametrize("command", ["embed", "precompute-reference"])
 @pytest.mark.parametrize("where", ["shards", "inside"])
 def test_the_shards_are_never_an_output(command, where, small_shards, corpus, shared_data,
