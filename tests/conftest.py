@@ -6,8 +6,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -54,6 +57,23 @@ def kill_parent_and_wait_for_workers(proc: subprocess.Popen, timeout: float = 30
         if time.monotonic() > deadline:
             raise AssertionError(f"workers of {proc.pid} outlived it by {timeout} s")
         time.sleep(0.01)
+
+
+@contextmanager
+def held_by_another_process(folder: Path, kind: str) -> Iterator[None]:
+    """Another real process claims ``folder`` as ``kind`` and holds its lock (as a first run
+    does) for the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from stores.owned import claim\n"
+         f"with claim({str(folder)!r}, {kind!r}).lock():\n"
+         "    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _find_shared_data() -> Path | None:

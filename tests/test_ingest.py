@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import GOOD_VIDEOS, kill_parent_and_wait_for_workers
+from conftest import GOOD_VIDEOS, held_by_another_process, kill_parent_and_wait_for_workers
 from PIL import Image
 
 from flows.cli import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, main
@@ -161,17 +161,8 @@ def test_other_settings_on_an_existing_folder_are_refused(tmp_path, videos, caps
 
 def test_a_folder_in_use_is_refused(tmp_path, videos, capsys):
     out = tmp_path / "out"
-    holder = subprocess.Popen(  # another process holds the (ingest) folder's lock
-        [sys.executable, "-c", "import sys, time; from stores.owned import claim\n"
-         f"with claim({str(out)!r}, 'ingest').lock():\n"
-         "    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(out, "ingest"):
         assert run_cli("ingest", videos / "realshort.mp4", "--out", out) == EXIT_USAGE
-    finally:
-        holder.kill()
-        holder.wait()
     assert "in use by another process" in capsys.readouterr().err
     assert run_cli("ingest", videos / "realshort.mp4", "--out", out) == EXIT_OK  # released
 

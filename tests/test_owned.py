@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import held_by_another_process
 
 from flows import orchestrate
 from flows.cli import main
@@ -135,18 +134,9 @@ def test_remove_deletes_only_made_names(tmp_path):
 
 def test_the_folder_lock_refuses_a_second_process(tmp_path):
     owned = claim(tmp_path / "out", "ingest")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from stores.owned import claim\n"
-         f"with claim({str(owned.path)!r}, 'ingest').lock():\n"
-         "    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match="in use by another process"), owned.lock():
-            pass
-    finally:
-        holder.kill()
-        holder.wait()
+    with held_by_another_process(owned.path, "ingest"), pytest.raises(
+            UserError, match="in use by another process"), owned.lock():
+        pass
     with owned.lock():  # released with the process
         pass
 
@@ -228,19 +218,10 @@ def test_a_command_refuses_its_folder_while_another_run_holds_it(command, tmp_pa
                                                                  corpus, shared_data, capsys):
     """A second run on the same folder (here: a real process holding the folder's lock, as a
     first run does) is one line, exit 2, and the folder is unchanged."""
-    out = claim(tmp_path / "out", KINDS[command]).path
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from stores.owned import claim\n"
-         f"with claim({str(out)!r}, {KINDS[command]!r}).lock():\n"
-         "    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    out = tmp_path / "out"
+    with held_by_another_process(out, KINDS[command]):
         err = refused(capsys, _argv(command, out, small_shards, corpus, shared_data), out)
-        assert "in use by another process" in err
-    finally:
-        holder.kill()
-        holder.wait()
+    assert "in use by another process" in err
 
 
 @pytest.mark.parametrize("command", ["embed", "precompute-reference"])
