@@ -2,9 +2,11 @@
 question from a frame subset; its option-letter logits at the answer position, read in one
 forward pass (no generation), give the margin of the reward.
 
-* **Loading** — any ``AutoModelForImageTextToText`` by hub id or local path with its own
-  processor and chat template (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision, InternVL, SmolVLM, …).
-  The frames go in as a multi-image turn, in time order.
+* **Loading** — an ``AutoModelForImageTextToText`` by hub id or local path with its own
+  processor and chat template, of a family in ``refocus.lmm_families`` (Qwen2-VL, Qwen2.5-VL,
+  Qwen3-VL, LLaVA-OneVision, LLaVA, InternVL, SmolVLM, Idefics3, Gemma3); any other model is
+  refused at load, before its weights are read, in one line. The frames go in as a
+  multi-image turn, in time order.
 * **Letters** — ``A``, ``B``, … are looked up with and without a leading space; each variant
   that is a single token counts (log-sum-exp), and a tokenizer in which a bare letter is not
   one token is refused.
@@ -13,8 +15,9 @@ forward pass (no generation), give the margin of the reward.
 * **Vision once** — ``vision()`` runs the vision tower over frames and returns one
   ``FrameVision`` per frame; ``logits_from_vision()`` assembles each subset's token ids from the
   prompt and per-frame placeholder snippets (learned once per frame size from the processor
-  itself) and passes the cached features as ``mm_encoder_outputs``, so the language model alone
-  runs per subset. ``logits_from_images()`` is the model's own full path, the oracle.
+  itself) and passes the cached features back as the family's ``mm_encoder_outputs``, so the
+  language model alone runs per subset. ``logits_from_images()`` is the model's own full
+  path, the oracle.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from refocus.lmm_families import Family, family_of
 from stores.errors import UserError
 from stores.manifest import MAX_OPTIONS
 from stores.safe_load import DAMAGED_WEIGHTS, weights_problem
@@ -65,7 +69,7 @@ def letter_token_ids(tokenizer: Any, count: int = len(LETTERS)) -> list[list[int
 class FrameVision:
     """One frame's vision features (after the projector) and its per-image processor rows."""
 
-    tokens: torch.Tensor  # [n_tokens, hidden]
+    tokens: torch.Tensor  # [n_tokens, hidden × parts] (parts > 1: Qwen3-VL's deepstack)
     extras: dict[str, torch.Tensor]  # e.g. image_grid_thw [1, 3]
     size: tuple[int, int]  # (height, width) of the frame given to the processor
 
@@ -77,6 +81,14 @@ class Item:
     frames: Sequence[Any]  # images (uncached path) or FrameVision (cached path)
 
 
+class Snippet(NamedTuple):
+    """What the processor puts in place of one image placeholder for a frame of a size."""
+
+    ids: list[int]
+    types: list[int] | None  # token types, where the family's forward reads them
+    features: int  # how many of ``ids`` take a vision feature row
+
+
 def _accepts(fn: Any) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
@@ -85,6 +97,14 @@ class LMMScorer:
     """A frozen video-LLM that scores (question, frames) pairs by option-letter logits."""
 
     def __init__(self, model: Any, processor: Any, name: str, batch_size: int = 8) -> None:
+        self.family: Family = family_of(model.config, name)
+        self.forward_args = _accepts(model.forward)
+        if "mm_encoder_outputs" not in self.forward_args:
+            import transformers
+
+            raise UserError(f"{name}: {type(model).__name__}.forward takes no "
+                            f"mm_encoder_outputs in transformers {transformers.__version__}; "
+                            "the vision cache needs the version constraints.txt pins")
         self.model, self.processor, self.name = model.eval(), processor, name
         self.batch_size = batch_size
         self.tokenizer = processor.tokenizer
@@ -102,10 +122,11 @@ class LMMScorer:
         self.max_positions = int(getattr(text, "max_position_embeddings", 1 << 30))
         self.base = model.model if hasattr(model, "model") else model
         self.vision_args = _accepts(self.base.get_image_features)
-        self.forward_args = _accepts(model.forward)
+        self.feature_token_id = int(model.config.image_token_id)  # where vision rows go
+        self.parts = self.family.parts(model.config)
         # LLaVA-OneVision tiles a lone image (anyres) but not one of several
         self.counts_images = "batch_num_images" in self.vision_args
-        self._snippets: dict[tuple[int, int, bool], tuple[list[int], list[int] | None]] = {}
+        self._snippets: dict[tuple[int, int, bool], Snippet] = {}
         self._prompts: dict[tuple[str, tuple[str, ...], int], list[int]] = {}
 
     @property
@@ -116,12 +137,13 @@ class LMMScorer:
     def load(cls, spec: str, device: str | torch.device | None = None,
              dtype: torch.dtype | None = None, batch_size: int = 8) -> LMMScorer:
         """By hub id or local path; bf16 and SDPA on CUDA, float32 on CPU."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         try:
+            family_of(AutoConfig.from_pretrained(spec), spec)  # before any weights are read
             processor = AutoProcessor.from_pretrained(spec)
             model = AutoModelForImageTextToText.from_pretrained(
                 spec, dtype=dtype, attn_implementation="sdpa")
@@ -154,7 +176,12 @@ class LMMScorer:
             self._prompts[key] = ids
         return ids
 
-    def _snippet(self, size: tuple[int, int], multi: bool) -> tuple[list[int], list[int] | None]:
+    def _process(self, texts: list[str], images: list[list[Any]]) -> Any:
+        """The processor over prompts and their frames, as the family feeds frames."""
+        return self.processor(text=texts, images=images, padding=True, return_tensors="pt",
+                              **self.family.frame_kwargs)
+
+    def _snippet(self, size: tuple[int, int], multi: bool) -> Snippet:
         """The token ids (and token types) the processor puts in place of one image
         placeholder for a frame of this size, learned from the processor itself."""
         key = (*size, multi)
@@ -162,11 +189,13 @@ class LMMScorer:
             n = 2 if multi else 1
             raw = self._prompt_ids("x", ["y", "z"], n)
             blank = np.zeros((*size, 3), dtype=np.uint8)
-            full = self.processor(text=[self.chat("x", ["y", "z"], n)], images=[[blank] * n],
-                                  return_tensors="pt")
+            full = self._process([self.chat("x", ["y", "z"], n)], [[blank] * n])
             ids = full["input_ids"][0].tolist()
-            types = full["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in full \
-                else None
+            key_types = self.family.token_types
+            if key_types is not None and key_types not in full:
+                raise UserError(f"{self.name}: its processor gives no {key_types}, which the "
+                                f"{self.family.label} forward reads")
+            types = full[key_types][0].tolist() if key_types else None
             length = (len(ids) - len(raw)) // n + 1
             at = raw.index(self.image_token_id)
             snippet = ids[at:at + length]
@@ -174,7 +203,8 @@ class LMMScorer:
             if rebuilt != ids:
                 raise UserError(f"{self.name}: its processor expands images in a way refocus "
                                 "cannot reassemble from cached features; use the uncached path")
-            self._snippets[key] = (snippet, types[at:at + length] if types else None)
+            self._snippets[key] = Snippet(snippet, types[at:at + length] if types else None,
+                                          snippet.count(self.feature_token_id))
         return self._snippets[key]
 
     def _expand(self, raw: list[int], snippets: list[list[int]]) -> list[int]:
@@ -193,18 +223,19 @@ class LMMScorer:
         # through the processor itself, as one prompt of several images (or each alone), so
         # the pixels are prepared exactly as for scoring
         groups = [list(images)] if multi else [[image] for image in images]
-        inputs = self.processor(text=[self.chat("x", ["y", "z"], len(g)) for g in groups],
-                                images=groups, padding=True, return_tensors="pt")
+        inputs = self._process([self.chat("x", ["y", "z"], len(g)) for g in groups], groups)
         kwargs = {k: v.to(self.device) for k, v in inputs.items() if k in self.vision_args
                   and k not in ("input_ids", "attention_mask")}
         if "pixel_values" in kwargs:
             kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
-        features = self.base.get_image_features(**kwargs, return_dict=True).pooler_output
+        sizes = [tuple(int(x) for x in np.asarray(image).shape[:2]) for image in images]
+        counts = [self._snippet(size, multi).features for size in sizes]  # type: ignore[arg-type]
+        output = self.base.get_image_features(**kwargs, return_dict=True)
+        features = self.family.per_frame(output, counts, self.name)
         out = []
-        for i, (image, tokens) in enumerate(zip(images, features, strict=True)):
+        for i, (size, tokens) in enumerate(zip(sizes, features, strict=True)):
             extras = {k: inputs[k][i:i + 1] for k in PER_IMAGE_KEYS if k in inputs}
-            height, width = np.asarray(image).shape[:2]
-            out.append(FrameVision(tokens.detach(), extras, (int(height), int(width))))
+            out.append(FrameVision(tokens.detach(), extras, size))  # type: ignore[arg-type]
         return out
 
     def as_multi(self, frames: int) -> bool:
@@ -249,8 +280,7 @@ class LMMScorer:
     @torch.no_grad()
     def _forward_images(self, items: Sequence[Item]) -> torch.Tensor:
         texts = [self.chat(it.question, it.options, len(it.frames)) for it in items]
-        inputs = self.processor(text=texts, images=[list(it.frames) for it in items],
-                                padding=True, return_tensors="pt")
+        inputs = self._process(texts, [list(it.frames) for it in items])
         self._check_length(inputs["input_ids"].shape[1], max(len(it.frames) for it in items))
         inputs = {k: (v.to(self.device, self.model.dtype) if k.startswith("pixel_values")
                       else v.to(self.device)) for k, v in inputs.items()}
@@ -264,12 +294,12 @@ class LMMScorer:
             multi = self.as_multi(len(it.frames))
             raw = self._prompt_ids(it.question, it.options, len(it.frames))
             snippets = [self._snippet(f.size, multi) for f in it.frames]
-            ids = self._expand(raw, [s[0] for s in snippets])
+            ids = self._expand(raw, [s.ids for s in snippets])
             self._check_length(len(ids), len(it.frames))
             rows.append(ids)
-            if snippets and snippets[0][1] is not None:
+            if self.family.token_types:
                 types.append(self._expand([0 if t != self.image_token_id else t for t in raw],
-                                          [s[1] for s in snippets]))
+                                          [s.types or [] for s in snippets]))
             for f in it.frames:
                 features.append(f.tokens)
                 for k, v in f.extras.items():
@@ -279,15 +309,13 @@ class LMMScorer:
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
                             device=self.device)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         dtype = self.model.dtype
         inputs: dict[str, Any] = {
             "input_ids": ids, "attention_mask": mask,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(
-                pooler_output=tuple(f.to(self.device, dtype) for f in features))}}
-        if types:
-            inputs["mm_token_type_ids"] = torch.tensor(
+            "mm_encoder_outputs": {"image": self.family.encoder_outputs(
+                [f.to(self.device, dtype) for f in features], self.parts)}}
+        if self.family.token_types:
+            inputs[self.family.token_types] = torch.tensor(
                 [[0] * (width - len(t)) + t for t in types], device=self.device)
         for k, v in extras.items():
             if k in self.forward_args:

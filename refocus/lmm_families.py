@@ -1,0 +1,113 @@
+"""The reference-LMM families refocus scores through its vision cache: one ``Family`` each, chosen
+by the model config's ``model_type``. A family says how its processor is asked for frames, how
+the vision output is cut into per-frame features, and how cached features are handed back to
+the model's forward as ``mm_encoder_outputs`` — the one place to look (or to add a video
+presentation) for a family.
+
+The per-frame cut is the same for every family: the forward concatenates its vision output in
+prompt order and scatters it onto the image-feature tokens, so the output, flattened to rows,
+is split by each frame's count of those tokens (learned from the processor itself). That
+covers a row per image (Qwen), a row per prompt (Idefics3 / SmolVLM) and a row per tile
+(InternVL, Gemma3). Extra per-token outputs (Qwen3-VL's deepstack features, one per chosen
+vision layer) ride along side by side in the same rows: a frame's ``tokens`` are
+``[n_tokens, hidden × (1 + deepstack layers)]``, so a reference store keeps them unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stores.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    label: str  # as the README names it
+    model_types: tuple[str, ...]  # config.model_type values
+    concatenated: bool = False  # forward wants one [rows, hidden] tensor, not a tuple per frame
+    deepstack: bool = False  # Qwen3-VL: per-layer deepstack features beside the main ones
+    token_types: str | None = None  # the processor output the forward takes as token types
+    # processor settings for frames (as the model card feeds video frames); see FAMILIES
+    frame_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def parts(self, config: Any) -> int:
+        """How many hidden-size blocks sit side by side in a frame's cached tokens."""
+        if not self.deepstack:
+            return 1
+        return 1 + len(config.vision_config.deepstack_visual_indexes)
+
+    def per_frame(self, output: Any, counts: Sequence[int], where: str) -> list[torch.Tensor]:
+        """The vision output (``get_image_features(return_dict=True)``) as one tensor per frame,
+        ``counts[i]`` rows each."""
+        blocks = [_rows(output.pooler_output)]
+        if self.deepstack:
+            blocks += [_rows(layer) for layer in output.deepstack_features]
+        if blocks[0].shape[0] != sum(counts):
+            raise UserError(f"{where}: its vision output has {blocks[0].shape[0]} feature rows "
+                            f"for {sum(counts)} image tokens; refocus cannot cut it per frame "
+                            "(use the uncached path)")
+        rows = torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]
+        return list(rows.split(list(counts)))
+
+    def encoder_outputs(self, frames: Sequence[torch.Tensor], parts: int) -> Any:
+        """Cached per-frame tokens as the forward's ``mm_encoder_outputs["image"]``."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if self.deepstack:
+            from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+                BaseModelOutputWithDeepstackFeatures,
+            )
+
+            split = [f.chunk(parts, dim=-1) for f in frames]
+            return BaseModelOutputWithDeepstackFeatures(
+                pooler_output=tuple(s[0] for s in split),
+                deepstack_features=[tuple(s[layer] for s in split)
+                                    for layer in range(1, parts)])
+        if self.concatenated:
+            return BaseModelOutputWithPooling(pooler_output=torch.cat(list(frames)))
+        return BaseModelOutputWithPooling(pooler_output=tuple(frames))
+
+
+def _rows(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-image, per-prompt or per-tile features flattened to [rows, hidden], in order."""
+    if isinstance(features, torch.Tensor):
+        return features.reshape(-1, features.shape[-1])
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+
+
+QWEN_TYPES = "mm_token_type_ids"  # Qwen's rope positions read which tokens are an image's
+FAMILIES = (
+    Family("Qwen2-VL", ("qwen2_vl",), token_types=QWEN_TYPES),
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), token_types=QWEN_TYPES),
+    Family("Qwen3-VL", ("qwen3_vl",), deepstack=True, token_types=QWEN_TYPES),
+    Family("LLaVA-OneVision", ("llava_onevision",)),
+    Family("LLaVA", ("llava",)),
+    # one 448 px tile a frame, as the InternVL3 model card reads video (load_video max_num=1)
+    # and as transformers' InternVL video processor does; tiling (crop_to_patches) would cost
+    # up to 13× the tokens a frame
+    Family("InternVL", ("internvl",), concatenated=True,
+           frame_kwargs={"crop_to_patches": False}),
+    # SmolVLM's video processor does not split frames into tiles; neither do we
+    Family("SmolVLM", ("smolvlm",), frame_kwargs={"do_image_splitting": False}),
+    # Idefics3 has no video recipe: its frames are split into tiles as its images are
+    Family("Idefics3", ("idefics3",)),
+    # image tokens attend to each other both ways, read from token_type_ids
+    Family("Gemma3", ("gemma3",), concatenated=True, token_types="token_type_ids"),
+)
+BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+SUPPORTED = ", ".join(f.label for f in FAMILIES)
+
+
+def family_of(config: Any, name: str) -> Family:
+    """The model's family, or one line naming its class and the supported families."""
+    model_type = getattr(config, "model_type", None)
+    family = BY_MODEL_TYPE.get(model_type or "")
+    if family is None:
+        classes = getattr(config, "architectures", None) or [type(config).__name__]
+        raise UserError(f"{name}: {classes[0]} (model_type {model_type!r}) is not a reference "
+                        f"family refocus can score; supported: {SUPPORTED}")
+    return family
