@@ -325,8 +325,10 @@ class LMMScorer:
     def _last_logits(self, inputs: dict[str, Any]) -> torch.Tensor:
         if "logits_to_keep" in self.forward_args:
             inputs["logits_to_keep"] = 1
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                                  enabled=self.device.type == "cuda")
+        # bf16 autocast on CUDA, and wherever the weights are bf16 (the CPU too)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=self.device.type == "cuda"
+                                  or self.model.dtype == torch.bfloat16)
         with autocast:
             logits = self.model(**inputs, use_cache=False).logits
         return logits[:, -1].float().cpu()

@@ -1,15 +1,18 @@
-"""The LMM reference: tiny random Qwen2-VL and LLaVA-OneVision built from configs (a tokenizer
-trained here), fed frames of the real videos. Oracles: one-at-a-time forwards, the model's own
-processor-and-forward path, the raw logits at the letters' token ids."""
+"""The LMM reference: a tiny random model of every supported family (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, LLaVA-OneVision, LLaVA, InternVL, Idefics3, SmolVLM, Gemma3) built from its real
+transformers classes (a tokenizer trained here, weights drawn at std 0.2 so the frames move
+the logits), fed frames of the real videos. Oracles: one-at-a-time forwards, the model's own
+processor-and-forward path, the raw logits at the letters' token ids, float32 for bf16."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from tiny_lmm import build_llava_onevision, build_qwen2_vl
+from tiny_lmm import BUILDERS, build_qwen2_vl
 
 from flows.cli import EXIT_OK, main
 from pipelines.decode import DecodeSettings, VideoDecoder
@@ -19,8 +22,10 @@ from refocus.rewards import RewardModel
 from stores.errors import UserError
 from stores.reference import ReferenceStore
 
-FAMILIES = ["qwen2_vl", "llava_onevision"]
-BUILDERS = {"qwen2_vl": build_qwen2_vl, "llava_onevision": build_llava_onevision}
+FAMILIES = list(BUILDERS)
+# InternVL with its processor's tiling on (off by default for frames): several tiles a frame
+SCORED = [*FAMILIES, "internvl_tiled"]
+CACHE_TOLERANCE = 2e-5  # float32 on CPU: cached and full differ at most in summation order
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +41,12 @@ def models(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def scorers(models) -> dict:
-    return {name: LMMScorer.load(str(path), device="cpu", batch_size=8)
-            for name, path in models.items()}
+    out = {name: LMMScorer.load(str(path), device="cpu", batch_size=8)
+           for name, path in models.items()}
+    tiled = LMMScorer.load(str(models["internvl"]), device="cpu", batch_size=8)
+    tiled.family = replace(tiled.family, frame_kwargs={})
+    out["internvl_tiled"] = tiled
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,7 @@ def items_for(frames: list) -> list[Item]:
     ]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SCORED)
 def test_batched_margins_equal_one_at_a_time(scorers, frames, family):
     scorer = scorers[family]
     items = items_for(frames)
@@ -73,23 +82,34 @@ def test_batched_margins_equal_one_at_a_time(scorers, frames, family):
         torch.testing.assert_close(row[:n], single[:n], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_vision_cache_gives_the_same_logits(scorers, frames, family):
-    """Vision run once over all frames; each subset assembled from the cache. Tolerance:
-    2e-5 absolute (float32 on CPU; the two paths differ only in summation order)."""
-    scorer = scorers[family]
-    items = items_for(frames)
+def cached_items(scorer: LMMScorer, frames: list, items: list[Item]) -> list[Item]:
+    """The items with their frames as vision features computed once over all frames."""
     cache = scorer.vision(frames, multi=True)
     index = {id(f): i for i, f in enumerate(frames)}
-    cached = []
+    out = []
     for it in items:
         if scorer.as_multi(len(it.frames)):
             views = [cache[index[id(f)]] for f in it.frames]
         else:  # a lone frame, as the model reads one image alone
             views = scorer.vision(list(it.frames), multi=False)
-        cached.append(Item(it.question, it.options, views))
-    torch.testing.assert_close(scorer.logits_from_vision(cached),
-                               scorer.logits_from_images(items), atol=2e-5, rtol=1e-5)
+        out.append(Item(it.question, it.options, views))
+    return out
+
+
+@pytest.mark.parametrize("family", SCORED)
+def test_vision_cache_gives_the_same_logits(scorers, frames, family):
+    """Vision run once over all frames; each subset assembled from the cache equals the
+    model's own full forward within ``CACHE_TOLERANCE``; and the frames matter: the same
+    question over other frames moves the logits by far more than that tolerance, so a cache
+    that mixed up or dropped frames (or their deepstack features or token types) would show."""
+    scorer = scorers[family]
+    items = items_for(frames)
+    full = scorer.logits_from_images(items)
+    torch.testing.assert_close(scorer.logits_from_vision(cached_items(scorer, frames, items)),
+                               full, atol=CACHE_TOLERANCE, rtol=0)
+    other = [Item(it.question, it.options, frames[-len(it.frames):]) for it in items[:3]]
+    moved = (scorer.logits_from_images(other) - full[:3]).nan_to_num(0, 0, 0).abs().amax(1)
+    assert (moved > 1000 * CACHE_TOLERANCE).all(), moved
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -108,7 +128,8 @@ def test_the_letter_logits_are_read_at_the_answer_position(scorers, frames, fami
         add_generation_prompt=True, tokenize=False)
     assert text.rstrip().endswith("assistant")
     assert "A. red\nB. green\nC. blue\nD. yellow" in text
-    inputs = scorer.processor(text=[text], images=[list(item.frames)], return_tensors="pt")
+    inputs = scorer.processor(text=[text], images=[list(item.frames)], return_tensors="pt",
+                              **scorer.family.frame_kwargs)
     with torch.no_grad():
         vocab = scorer.model(**inputs).logits[0, -1]
     expected = torch.stack([torch.logsumexp(vocab[torch.tensor(
@@ -116,6 +137,28 @@ def test_the_letter_logits_are_read_at_the_answer_position(scorers, frames, fami
          if i is not None and i != tok.unk_token_id])], 0) for c in "ABCD"])
     torch.testing.assert_close(scorer.logits_from_images([item])[0], expected,
                                atol=1e-5, rtol=1e-5)
+
+
+BF16_TOLERANCE = 0.25  # absolute, on logits of spread ~1-10: bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_under_cpu_autocast_stays_near_float32(models, scorers, frames, family):
+    """The model in bf16 on the CPU under bf16 autocast (as on CUDA), cached path, against the
+    float32 full forward: within ``BF16_TOLERANCE``, and the same answer where float32 is
+    sure of it (its margin over the runner-up is beyond twice the tolerance)."""
+    scorer = LMMScorer.load(str(models[family]), device="cpu", dtype=torch.bfloat16)
+    assert scorer.model.dtype == torch.bfloat16
+    items = items_for(frames)
+    low = scorer.logits_from_vision(cached_items(scorer, frames, items))
+    high = scorers[family].logits_from_images(items)
+    assert torch.equal(torch.isfinite(low), torch.isfinite(high))
+    finite = torch.isfinite(high)
+    assert (low[finite] - high[finite]).abs().max() <= BF16_TOLERANCE
+    for row_low, row_high in zip(low, high, strict=True):
+        top = row_high[torch.isfinite(row_high)].topk(2).values
+        if top[0] - top[1] > 2 * BF16_TOLERANCE:
+            assert row_low.argmax() == row_high.argmax()
 
 
 def test_a_tokenizer_whose_letters_are_not_single_tokens_is_refused(tmp_path):
@@ -144,6 +187,26 @@ def test_a_model_that_is_not_there_is_one_line(tmp_path):
         LMMScorer.load("org/not-cached", device="cpu")
 
 
+@pytest.mark.parametrize(("config", "architecture", "model_type"), [
+    ("Qwen2Config", "Qwen2ForCausalLM", "qwen2"),  # text only
+    ("PaliGemmaConfig", "PaliGemmaForConditionalGeneration", "paligemma"),  # image-text
+])
+def test_an_unsupported_family_is_refused_at_load_in_one_line(tmp_path, config, architecture,
+                                                              model_type):
+    """Only the configuration is there: the refusal comes before any weights are read."""
+    import transformers
+
+    folder = tmp_path / model_type
+    getattr(transformers, config)(architectures=[architecture]).save_pretrained(folder)
+    with pytest.raises(UserError) as e:
+        LMMScorer.load(str(folder), device="cpu")
+    message = str(e.value)
+    assert "\n" not in message
+    assert message == (f"{folder}: {architecture} (model_type {model_type!r}) is not a "
+                       "reference family refocus can score; supported: Qwen2-VL, Qwen2.5-VL, "
+                       "Qwen3-VL, LLaVA-OneVision, LLaVA, InternVL, SmolVLM, Idefics3, Gemma3")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_precomputed_features_score_like_features_from_the_shards(
         models, scorers, sample_shards, tmp_path, family, capsys):
@@ -168,7 +231,7 @@ def test_precomputed_features_score_like_features_from_the_shards(
             scorer.logits_from_vision(items),
             scorer.logits_from_vision([Item(items[0].question, items[0].options, b)]),
             atol=2e-3, rtol=2e-3)
-    other = "llava_onevision" if family == "qwen2_vl" else "qwen2_vl"
+    other = FAMILIES[(FAMILIES.index(family) + 1) % len(FAMILIES)]
     with pytest.raises(UserError, match="features of"):
         StoreFrames(ReferenceStore(out), scorers[other])
 

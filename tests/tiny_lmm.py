@@ -348,6 +348,7 @@ def build_gemma3(folder: Path, seed: int = 0) -> Path:
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
+                         layer_types=["sliding_attention", "full_attention"],
                          max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32,
