@@ -139,7 +139,7 @@ def test_the_letter_logits_are_read_at_the_answer_position(scorers, frames, fami
                                atol=1e-5, rtol=1e-5)
 
 
-BF16_TOLERANCE = 0.25  # absolute, on logits of spread ~1-10: bf16 keeps 8 bits of mantissa
+BF16_TOLERANCE = 0.15  # absolute; measured at most 0.08 (bf16 keeps 8 bits of mantissa)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
