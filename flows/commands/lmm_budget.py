@@ -60,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_table(budgets: list[lb.ModelBudget], args: argparse.Namespace) -> None:
+    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"reference LMMs at real size: {args.height}×{args.width} px frames, "
@@ -68,7 +69,9 @@ def _print_table(budgets: list[lb.ModelBudget], args: argparse.Namespace) -> Non
         table.add_column(name, justify="left" if i < 3 else "right")
     for row in lb.table_rows(budgets):
         table.add_row(*row)
-    console.out.print(table, width=max(console.out.width, TABLE_WIDTH))
+    wide = console.out if console.out.is_terminal else Console(
+        highlight=False, markup=False, emoji=False, width=TABLE_WIDTH)
+    wide.print(table)
     for b in budgets:
         for note in b.notes:
             console.out.print(f"  {b.key}: {note}")
