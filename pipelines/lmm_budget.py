@@ -32,6 +32,7 @@ A recommended batch (subsets per forward) for a GPU is
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -165,9 +166,12 @@ def word_tokenizer(specials: Sequence[str], extra: dict[str, str] | None = None)
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "<|endoftext|>": 1}, unk_token="[UNK]"))
+    words = ["[UNK]", "<|endoftext|>", *string.ascii_letters, *string.digits,
+             *string.punctuation]  # answer letters are single tokens, as in real tokenizers
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+        pre_tokenizers.Digits(individual_digits=True)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    extra_special_tokens=extra or {})
