@@ -403,8 +403,10 @@ class SubsetRow:
 class PresentationRow:
     present: str
     tokens_per_frame: float  # vision tokens per frame (Qwen video: per pair / 2)
+    tokens_per_video: float  # vision tokens once per video (LLaVA-OV: its newline)
     prompt_tokens_per_frame: float  # all tokens a frame adds (markers, stamps included)
     lone_image_tokens: int | None  # a single frame alone (LLaVA-OV anyres differs)
+    max_frames: int  # the most frames whose prompt fits the model's context
     feature_bytes_per_frame: int
     video_cache_bytes: int  # CANDIDATES frames' features
     subsets: list[SubsetRow]
@@ -419,6 +421,19 @@ class ModelBudget:
     frame_size: tuple[int, int]
     presentations: list[PresentationRow]
     notes: list[str]
+
+
+def slope(prompts: dict[int, Prompt], what: str) -> tuple[float, float]:
+    """(tokens per frame, tokens regardless of frames) of a count over the subset sizes:
+    the line through the smallest and largest k (through the origin, for vision tokens, when
+    there is one k)."""
+    low, high = min(prompts), max(prompts)
+    y = {k: getattr(p, what) for k, p in prompts.items()}
+    if low == high:
+        base = prompts[low].text if what == "tokens" else 0
+        return (y[high] - base) / high, base
+    per = (y[high] - y[low]) / (high - low)
+    return per, y[high] - per * high
 
 
 def feature_bytes(spec: ModelSpec, shape: TextShape, tokens: float) -> int:
@@ -438,9 +453,10 @@ def budget(spec: ModelSpec, size: tuple[int, int] = FRAME_SIZE,
     rows = []
     for present in PRESENTATIONS:
         prompts = {k: prompt_tokens(spec, processor, present, k, size) for k in subset_sizes}
-        largest = max(subset_sizes)
-        per_frame = prompts[largest].vision / largest
-        per_frame_all = (prompts[largest].tokens - prompts[largest].text) / largest
+        per_frame, per_video = slope(prompts, "vision")
+        per_frame_all, fixed = slope(prompts, "tokens")
+        room = shape.context - fixed
+        max_frames = int(room // per_frame_all) if per_frame_all else 0
         lone = prompt_tokens(spec, processor, present, 1, size).vision \
             if present == "images" else None
         frame_bytes = feature_bytes(spec, shape, per_frame)
@@ -452,8 +468,8 @@ def budget(spec: ModelSpec, size: tuple[int, int] = FRAME_SIZE,
                      for name, cap in gpus.items()}
             subsets.append(SubsetRow(k, p.tokens, p.vision, kv, act, p.tokens <= shape.context,
                                      batch))
-        rows.append(PresentationRow(present, per_frame, per_frame_all, lone, frame_bytes, cache,
-                                    subsets))
+        rows.append(PresentationRow(present, per_frame, per_video, per_frame_all, lone,
+                                    max_frames, frame_bytes, cache, subsets))
     return ModelBudget(spec.key, spec.hub_id, params, shape, size, rows, notes(spec))
 
 
@@ -488,7 +504,8 @@ def gb(n: float) -> str:
 
 
 TABLE_COLUMNS = ("model", "params (bf16 GB)", "frames as", "tokens/frame", "feature MB/frame",
-                 "512-frame cache GB", "k", "prompt tokens", "K/V GB", "activations GB",
+                 "max k in context", "cache GB/video", "k", "prompt tokens", "K/V GB",
+                 "activations GB",
                  *[f"batch @ {g}" for g in GPUS])
 
 
@@ -496,7 +513,8 @@ def table_rows(budgets: Sequence[ModelBudget]) -> list[list[str]]:
     rows = []
     for b in budgets:
         for p in b.presentations:
-            per_frame = f"{p.tokens_per_frame:g}"
+            per_frame = f"{p.tokens_per_frame:g}" + (
+                f" + {p.tokens_per_video:g}" if round(p.tokens_per_video) else "")
             if p.lone_image_tokens is not None and p.lone_image_tokens != p.tokens_per_frame:
                 per_frame += f" (alone: {p.lone_image_tokens})"
             for i, s in enumerate(p.subsets):
@@ -508,6 +526,7 @@ def table_rows(budgets: Sequence[ModelBudget]) -> list[list[str]]:
                     if first and p.present == PRESENTATIONS[0] else "",
                     p.present if first else "", per_frame if first else "",
                     f"{p.feature_bytes_per_frame / 1e6:.2f}" if first else "",
+                    str(p.max_frames) if first else "",
                     gb(p.video_cache_bytes) if first else "",
                     str(s.k), str(s.prompt_tokens), gb(s.kv_bytes), gb(s.activation_bytes),
                     *batches])

@@ -112,4 +112,4 @@ def test_command_prints_every_model_in_both_presentations_offline():
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert [c[0] for c in cells[::2]] == list(lb.MODELS)
     assert [c[2] for c in cells] == list(lb.PRESENTATIONS) * len(lb.MODELS)
-    assert all(int(c[7]) > 0 and int(c[-1]) > 0 for c in cells)  # prompt tokens, batch
+    assert all(int(c[8]) > 0 and int(c[-1]) > 0 for c in cells)  # prompt tokens, batch
