@@ -22,7 +22,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flows import console
-from flows.commands import demo, features, flow, ingest, learn, manifests, reference, score, synth
+from flows.commands import (
+    demo,
+    features,
+    flow,
+    ingest,
+    learn,
+    lmm_budget,
+    manifests,
+    reference,
+    score,
+    synth,
+)
 from flows.options import (  # noqa: F401  (exit codes are part of this module's interface)
     EPILOG,
     EXIT_FAILURES,
@@ -38,7 +49,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     ingest.add, manifests.add_import, manifests.add_validate, features.add_embed,
     features.add_search, synth.add_synth, synth.add_train_encoder, learn.add_train_reader,
     learn.add_train, learn.add_eval, reference.add_precompute_reference, score.add_score,
-    flow.add_flow, flow.add_serve, demo.add_demo,
+    flow.add_flow, flow.add_serve, demo.add_demo, lmm_budget.add_lmm_budget,
 ]
 
 
