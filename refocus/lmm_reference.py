@@ -258,56 +258,50 @@ def _from_bits(rows: np.ndarray, spec: dict[str, Any]) -> torch.Tensor:
 
 
 def frame_rows(frame: FrameVision) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """One frame as named arrays of rows — each tensor field, each tensor of a dict, list or
-    tuple field, each tuple of numbers — with their exact bits, and the layout that rebuilds
-    it (``frame_from_rows``)."""
+    """One frame as named arrays of rows — every tensor it carries, in fields, dicts, lists
+    or tuples (nested), and every tuple of numbers — with their exact bits, and the layout
+    that rebuilds it (``frame_from_rows``)."""
     rows: dict[str, np.ndarray] = {}
-    layout: dict[str, Any] = {}
-    for f in dataclasses.fields(frame):
-        if not f.init:
-            continue
-        name, value = f.name, getattr(frame, f.name)
-        parts = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) \
-            if isinstance(value, list | tuple) else []
-        if isinstance(value, torch.Tensor):
-            rows[name], spec = _tensor_rows(value)
-            layout[name] = {"kind": "tensor", **spec}
-        elif value is None:
-            layout[name] = {"kind": "none"}
-        elif (parts or isinstance(value, dict)) and all(isinstance(t, torch.Tensor)
-                                                        for _, t in parts):
-            specs = {}
-            for key, t in parts:
-                rows[f"{name}.{key}"], specs[str(key)] = _tensor_rows(t)
-            layout[name] = {"kind": "dict" if isinstance(value, dict) else
-                            type(value).__name__, "items": specs}
-        elif isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):
-            rows[name] = np.asarray([value], dtype=np.int64 if all(isinstance(v, int)
-                                                                   for v in value) else None)
-            layout[name] = {"kind": "numbers", "type": type(value).__name__}
-        else:
-            raise ValueError(f"FrameVision.{name}: a {type(value).__name__} cannot be stored")
+    layout = {f.name: _flatten(getattr(frame, f.name), f.name, rows)
+              for f in dataclasses.fields(frame) if f.init}
     return rows, layout
 
 
+def _flatten(value: Any, name: str, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    if isinstance(value, torch.Tensor):
+        rows[name], spec = _tensor_rows(value)
+        return {"kind": "tensor", **spec}
+    if value is None:
+        return {"kind": "none"}
+    if isinstance(value, list | tuple) and all(isinstance(v, int | float) and
+                                               not isinstance(v, bool) for v in value):
+        integers = all(isinstance(v, int) for v in value)
+        rows[name] = np.asarray([value], dtype=np.int64 if integers else np.float64)
+        return {"kind": "numbers", "type": type(value).__name__}
+    if isinstance(value, dict | list | tuple):
+        parts = value.items() if isinstance(value, dict) else enumerate(value)
+        return {"kind": "dict" if isinstance(value, dict) else type(value).__name__,
+                "items": {str(k): _flatten(v, f"{name}.{k}", rows) for k, v in parts}}
+    raise ValueError(f"FrameVision {name}: a {type(value).__name__} cannot be stored")
+
+
 def frame_from_rows(layout: dict[str, Any], rows: dict[str, np.ndarray]) -> FrameVision:
-    values: dict[str, Any] = {}
-    for name, spec in layout.items():
-        kind = spec["kind"]
-        if kind == "tensor":
-            values[name] = _from_bits(rows[name], spec)
-        elif kind == "none":
-            values[name] = None
-        elif kind == "numbers":
-            numbers = rows[name][0].tolist()
-            values[name] = tuple(numbers) if spec["type"] == "tuple" else numbers
-        elif kind == "dict":
-            values[name] = {k: _from_bits(rows[f"{name}.{k}"], s)
-                            for k, s in spec["items"].items()}
-        else:  # list or tuple
-            items = [_from_bits(rows[f"{name}.{k}"], s) for k, s in spec["items"].items()]
-            values[name] = tuple(items) if kind == "tuple" else items
-    return FrameVision(**values)
+    return FrameVision(**{name: _unflatten(spec, name, rows) for name, spec in layout.items()})
+
+
+def _unflatten(spec: dict[str, Any], name: str, rows: dict[str, np.ndarray]) -> Any:
+    kind = spec["kind"]
+    if kind == "tensor":
+        return _from_bits(rows[name], spec)
+    if kind == "none":
+        return None
+    if kind == "numbers":
+        numbers = rows[name][0].tolist()
+        return tuple(numbers) if spec["type"] == "tuple" else numbers
+    items = {k: _unflatten(s, f"{name}.{k}", rows) for k, s in spec["items"].items()}
+    if kind == "dict":
+        return items
+    return tuple(items.values()) if kind == "tuple" else list(items.values())
 
 
 # ----------------------------------------------------------------------------- the reference

@@ -291,3 +291,38 @@ def test_the_cache_budget_reaches_the_frame_source(many_shards, model):
     ref = reference(f"lmm:{model}", None, str(many_shards), cache_gb=0.25)  # type: ignore[arg-type]
     assert ref.source.cache.device.budget == GIB // 4  # type: ignore[attr-defined]
     assert ShardSet(many_shards).lookup().keys() == ref.source.lookup.keys()  # type: ignore
+
+
+def test_whatever_a_frame_carries_is_stored_with_its_bits(tmp_path):
+    """Synthetic frames (no model needed) carrying more than tokens — a nested list of
+    per-frame tensors (as deepstack features are), a 0-d tensor, float and integer rows —
+    go through the store's writer and reader unchanged, bit for bit, in any frame order."""
+    from refocus.lmm import FrameVision
+    from refocus.lmm_reference import frame_from_rows, frame_rows
+
+    generator = torch.Generator().manual_seed(0)
+
+    def frame(n: int) -> FrameVision:
+        tokens = (torch.randn(n, 8, generator=generator) * 1e5).bfloat16()  # beyond float16
+        return FrameVision(tokens, {"image_grid_thw": torch.tensor([[1, n, 2]]),
+                                    "deep": [tokens.float() / 3, tokens[:, :4].clone()],
+                                    "scale": torch.tensor(0.5)}, (n, 2 * n))
+
+    frames = [frame(n) for n in (3, 1, 4, 2, 5)]
+    claim(tmp_path / "store", "reference")
+    store = ReferenceStore(tmp_path / "store")
+    store.open_for_writing({"model": "synthetic"})
+    writer = store.writer("shard-000000")
+    layouts = []
+    for chunk, video in ((frames[:2], "a"), (frames[2:], "b")):
+        rows = [frame_rows(f) for f in chunk]
+        layouts += [layout for _, layout in rows]
+        writer.add([r for r, _ in rows])
+        writer.end_video(video)
+    writer.finish({"frame_layout": layouts[0]})
+    assert all(layout == layouts[0] for layout in layouts)
+    meta, rows = ReferenceStore(tmp_path / "store").frames("b", [2, 0, 1])
+    back = [frame_from_rows(meta["frame_layout"], r) for r in rows]
+    assert all(same_bits(a, b) for a, b in zip(back, [frames[4], frames[2], frames[3]],
+                                               strict=True))
+    assert abs(back[0].tokens.float()).max() > 65504  # would not fit float16
