@@ -25,7 +25,7 @@ from refocus.policy import FrameSelector, PolicyConfig
 from refocus.reader import Reader, ReaderConfig, accuracy, train_reader
 from refocus.rewards import ReaderReference, Reference, RewardCache, RewardModel
 from refocus.selectors import BASELINES, Learned, Selector, uniform_indices
-from refocus.settings import VAL_SPLIT, GRPOSettings, ReaderTrainSettings
+from refocus.settings import REFERENCE_CACHE_GB, VAL_SPLIT, GRPOSettings, ReaderTrainSettings
 from refocus.trainer import (
     DistEnv,
     GRPOTrainer,
@@ -157,9 +157,11 @@ def load_reader(path: str | os.PathLike[str], device: str | torch.device = "cpu"
 
 
 def reference(spec: str, corpus: Corpus, shards: str | None = None,
-              reference_features: str | None = None, batch_size: int = 8) -> Reference:
+              reference_features: str | None = None, batch_size: int = 8,
+              cache_gb: float = REFERENCE_CACHE_GB) -> Reference:
     """``reader:PATH`` (a trained reader folder) or ``lmm:MODEL`` (a Hugging Face video-LLM
-    by hub id or path; frames from ``reference_features`` when given, else from ``shards``)."""
+    by hub id or path; frames from ``reference_features`` when given, else from ``shards``;
+    at most ``cache_gb`` of their features kept on its device)."""
     kind, _, target = spec.partition(":")
     if kind == "reader" and target:
         from pipelines.encoder import file_sha256
@@ -174,11 +176,12 @@ def reference(spec: str, corpus: Corpus, shards: str | None = None,
 
         scorer = LMMScorer.load(target, batch_size=batch_size)
         if reference_features:
-            return LMMReference(scorer, StoreFrames(ReferenceStore(reference_features), scorer))
+            return LMMReference(scorer, StoreFrames(ReferenceStore(reference_features), scorer,
+                                                    cache_gb))
         if not shards:
             raise UserError(f"--reward {spec}: no frames to show it (no --reference-features and "
                             "the feature store names no shards folder)")
-        return LMMReference(scorer, ShardFrames(shards, scorer))
+        return LMMReference(scorer, ShardFrames(shards, scorer, cache_gb))
     raise UserError(f"--reward {spec!r}: expected reader:PATH (a folder from refocus "
                     "train-reader) or lmm:MODEL (a Hugging Face video-LLM id or folder)")
 
@@ -203,6 +206,7 @@ class RunSettings:
     device: str | None = None
     reference_features: str | None = None  # a precompute-reference folder (lmm rewards)
     reference_batch: int = 8  # (question, subset) pairs per LMM forward
+    reference_cache_gb: float = REFERENCE_CACHE_GB  # the LMM's frame features on its device
     val_split: str = VAL_SPLIT  # the questions the best checkpoint is chosen on
 
 
@@ -319,11 +323,11 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     corpus = load_corpus(store, qa, device)
     check_splits(corpus, store, qa, run.val_split)
     ref = reference(reward_spec, corpus, store_shards(store), run.reference_features,
-                    run.reference_batch)
+                    run.reference_batch, run.reference_cache_gb)
     identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
                 if qa else None, "reward": ref.id, "settings": settings.as_dict(),
                 "run": {k: v for k, v in asdict(run).items()
-                        if k not in ("device", "reference_batch")}}
+                        if k not in ("device", "reference_batch", "reference_cache_gb")}}
     saved = checkpoints.load_checkpoint(out_dir)
     run_file = out_dir / "run.json"
     if run_file.exists() and saved is not None:
@@ -435,17 +439,18 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
                    ks: Sequence[int], reward_spec: str, policies: Sequence[str] = (),
                    methods: Sequence[str] = tuple(BASELINES), out: str | os.PathLike[str] | None
                    = None, device: str | None = None,
-                   reference_features: str | None = None) -> list[Row]:
+                   reference_features: str | None = None,
+                   reference_cache_gb: float = REFERENCE_CACHE_GB) -> list[Row]:
     """Every selector at every budget on ``split``; with ``out`` (an evaluation folder refocus
     owns, locked while written), eval.csv, eval.md and eval.png there."""
     if out is None:
         return _evaluate(store, qa, split, ks, reward_spec, policies, methods, device,
-                         reference_features)
+                         reference_features, reference_cache_gb)
     owned = claim(out, "eval", inputs=[store, *(qa or ()), *policies, reference_features,
                                       *reward_inputs(reward_spec)])
     with owned.lock():
         table = _evaluate(store, qa, split, ks, reward_spec, policies, methods, device,
-                          reference_features)
+                          reference_features, reference_cache_gb)
         write_evaluation(table, owned.path, split)
     return table
 
@@ -453,7 +458,7 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
 def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: str,
               ks: Sequence[int], reward_spec: str, policies: Sequence[str],
               methods: Sequence[str], device: str | None,
-              reference_features: str | None) -> list[Row]:
+              reference_features: str | None, reference_cache_gb: float) -> list[Row]:
     corpus = load_corpus(store, qa, pick_device(device))
     rows = corpus.rows(split)
     if not rows:
@@ -467,7 +472,7 @@ def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: st
     for path, name in zip(policies, _policy_names(policies), strict=True):
         selectors.append(Learned(load_policy(path, corpus.device), name=name))
     reward_model = RewardModel(reference(reward_spec, corpus, store_shards(store),
-                                         reference_features))
+                                         reference_features, cache_gb=reference_cache_gb))
     return evaluate(corpus, rows, selectors, tuple(ks), reward_model)
 
 

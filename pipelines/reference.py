@@ -1,6 +1,8 @@
 """``refocus precompute-reference``: a reference LMM's per-frame vision features for every
 frame of the finished ingest shards, into a reference store, one shard at a time (resumable:
-finished shards are skipped, an interrupted one is redone)."""
+finished shards are skipped, an interrupted one is redone). Each pass of the vision tower is
+written as it is computed, with the model's exact bits (bfloat16 stays bfloat16), so memory
+holds one video's decoded frames and one pass's features, never a shard's."""
 
 from __future__ import annotations
 
@@ -11,18 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from refocus.lmm import LMMScorer
-from refocus.lmm_reference import decode_jpeg, scorer_identity
+from refocus.lmm import FrameVision, LMMScorer
+from refocus.lmm_reference import VisionPass, decode_jpeg, frame_rows, scorer_identity
+from refocus.settings import REFERENCE_FRAMES_PER_PASS
 from stores.owned import Owned, claim
-from stores.reference import KIND, ReferenceStore, ShardFeatures
+from stores.reference import KIND, ReferenceStore, ShardWriter
 from stores.shards import ShardSet, write_json_atomic
 
 
 @dataclass(frozen=True)
 class PrecomputeSettings:
-    frames_per_pass: int = 32  # frames through the vision tower at once
+    frames_per_pass: int = REFERENCE_FRAMES_PER_PASS  # frames through the vision tower at once
 
 
 def claim_reference(shards: str | os.PathLike[str], out: str | os.PathLike[str]) -> Owned:
@@ -41,6 +42,7 @@ def precompute_reference(shards: str | os.PathLike[str], out: str | os.PathLike[
     timings = {"read": 0.0, "vision": 0.0, "write": 0.0}
     written = skipped = frames = 0
     lookup = shard_set.lookup()
+    vision = VisionPass(scorer, settings.frames_per_pass)
     with owned.lock():
         store.open_for_writing({"model": scorer.name, "model_id": scorer_identity(scorer),
                                 "shards": str(Path(shards).resolve()), "multi_image": True})
@@ -49,40 +51,46 @@ def precompute_reference(shards: str | os.PathLike[str], out: str | os.PathLike[
             if store.done(name):
                 skipped += 1
                 continue
-            ids, offsets, tokens, token_offsets, sizes = [], [0], [], [0], []
-            extra: dict[str, list[np.ndarray]] = {}
+            writer = store.writer(name)
+            layout: dict[str, Any] | None = None
             for sample in marker["samples"]:
                 tick = time.perf_counter()
                 video = sample["video_id"]
                 images = [decode_jpeg(f) for f in shard_set.read(video, lookup[video]).frames]
                 timings["read"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                for start in range(0, len(images), settings.frames_per_pass):
-                    chunk = images[start:start + settings.frames_per_pass]
-                    for v in scorer.vision(chunk, multi=True):
-                        t = v.tokens.float().cpu().numpy()
-                        tokens.append(t)
-                        token_offsets.append(token_offsets[-1] + len(t))
-                        sizes.append(v.size)
-                        for k, x in v.extras.items():
-                            extra.setdefault(k, []).append(x.cpu().numpy())
-                timings["vision"] += time.perf_counter() - tick
-                ids.append(sample["video_id"])
-                offsets.append(offsets[-1] + len(images))
+                for chunk in vision.chunks(images, multi=True):  # written as computed
+                    timings["vision"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    layout = _write_chunk(writer, chunk, layout)
+                    timings["write"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                writer.end_video(video)
                 frames += len(images)
                 if on_video:
-                    on_video(sample["video_id"], len(images))
-            tick = time.perf_counter()
-            hidden = tokens[0].shape[1] if tokens else 0
-            store.write_shard(name, ShardFeatures(
-                ids, offsets, np.concatenate(tokens) if tokens else np.zeros((0, hidden)),
-                np.asarray(token_offsets), np.asarray(sizes).reshape(-1, 2),
-                {k: np.concatenate(v) for k, v in extra.items()}))
-            timings["write"] += time.perf_counter() - tick
+                    on_video(video, len(images))
+            writer.finish({"frame_layout": layout})
             written += 1
     summary = {"out": str(out), "model": scorer.name, "shards_written": written,
                "shards_skipped": skipped, "frames": frames,
+               "frames_per_pass": vision.size,  # after any halving on out-of-memory
                "seconds": round(time.perf_counter() - started, 2),
                "timings": {k: round(v, 2) for k, v in timings.items()}}
     write_json_atomic(store.directory / "summary.json", summary)
     return summary
+
+
+def _write_chunk(writer: ShardWriter, chunk: list[FrameVision],
+                 layout: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Append one pass's frames, with their exact bits; every frame of a shard is laid out
+    alike (the layout of the first)."""
+    rows = []
+    for frame in chunk:
+        arrays, this = frame_rows(frame)
+        if layout is None:
+            layout = this
+        elif this != layout:
+            raise ValueError(f"frames laid out differently in one shard: {this} after {layout}")
+        rows.append(arrays)
+    writer.add(rows)
+    return layout

@@ -8,6 +8,11 @@ from typing import Any
 
 VAL_SPLIT = "val"  # the split whose questions choose a training run's best checkpoint
 
+# The reference LMM's per-frame vision features (refocus/lmm_reference.py)
+REFERENCE_CACHE_GB = 8.0  # on the model's device (GPU), --reference-cache-gb
+REFERENCE_HOST_CACHE_GB = 32.0  # in host memory (pinned when CUDA is present)
+REFERENCE_FRAMES_PER_PASS = 32  # frames through the vision tower at once (halved on OOM)
+
 
 @dataclass(frozen=True)
 class ReaderTrainSettings:

@@ -36,10 +36,16 @@ REWARD_HELP = ("reference model: reader:PATH (a refocus train-reader folder) or 
 
 
 def _reward_options(p: argparse.ArgumentParser) -> None:
+    from refocus.settings import REFERENCE_CACHE_GB
+
     p.add_argument("--reward", required=True, metavar="SPEC", help=REWARD_HELP)
     p.add_argument("--reference-features", metavar="DIR",
                    help="with lmm:, the model's per-frame vision features from refocus "
                         "precompute-reference (default: computed from the frame shards)")
+    p.add_argument("--reference-cache-gb", type=non_negative_float, default=REFERENCE_CACHE_GB,
+                   metavar="GB", help="with lmm:, device memory for per-frame vision features "
+                   "kept between subsets (least recently used ones are dropped and "
+                   "recomputed or reread)")
 
 
 # ----------------------------------------------------------------------------- train-reader
@@ -160,7 +166,8 @@ def _run_train(args: argparse.Namespace) -> int:
     run = RunSettings(eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                       hidden=args.hidden, device=args.device,
                       reference_features=args.reference_features,
-                      reference_batch=args.reference_batch, val_split=args.val_split)
+                      reference_batch=args.reference_batch,
+                      reference_cache_gb=args.reference_cache_gb, val_split=args.val_split)
     env = DistEnv.from_environ()
     if settings.questions_per_step % env.world_size:
         raise UserError(f"--questions-per-step {settings.questions_per_step} must divide evenly "
@@ -225,7 +232,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     methods = args.methods if args.methods is not None else list(BASELINES)
     table = evaluate_stage(args.store, args.qa, args.split, args.k, args.reward, args.policy,
-                           methods, args.out, args.device, args.reference_features)
+                           methods, args.out, args.device, args.reference_features,
+                           args.reference_cache_gb)
     console.out.print(markdown_table([r for r in table if r.category == "all"], args.split))
     if args.out:
         console.out.print(f"per question kind: {args.out / 'eval.md'}; also eval.csv, eval.png")

@@ -10,6 +10,8 @@ from flows.options import EXIT_OK, add_command, positive_int
 
 
 def add_precompute_reference(sub: argparse._SubParsersAction) -> None:
+    from refocus.settings import REFERENCE_FRAMES_PER_PASS
+
     p = add_command(
         sub, "precompute-reference", "run a reference LMM's vision tower over every frame, once",
         "Run the vision tower (and projector) of a Hugging Face video-LLM over every frame of\n"
@@ -29,8 +31,9 @@ def add_precompute_reference(sub: argparse._SubParsersAction) -> None:
                    help="ingest folder (refocus ingest --out)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="reference folder")
     p.add_argument("--device", help="torch device (default: cuda when present)")
-    p.add_argument("--frames-per-pass", type=positive_int, default=32, metavar="N",
-                   help="frames through the vision tower at once")
+    p.add_argument("--frames-per-pass", type=positive_int, default=REFERENCE_FRAMES_PER_PASS,
+                   metavar="N", help="frames through the vision tower at once (halved on GPU "
+                   "out-of-memory)")
     p.set_defaults(run=_run)
 
 
