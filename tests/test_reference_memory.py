@@ -110,11 +110,13 @@ def passes(scorer: LMMScorer, frames: list, size: int, multi: bool = True) -> li
 
 
 def close(a, b) -> bool:  # noqa: ANN001
-    """Tokens equal to float32 precision (1e-6; the products' summation order differs),
-    everything else exactly."""
+    """Tokens equal to float32 precision (1e-6 of the features' largest magnitude: the
+    products' summation order differs; the test models' weights are drawn large, so features
+    reach ~20), everything else exactly."""
+    scale = max(1.0, float(b.tokens.abs().max()))
     return (a.size == b.size and a.extras.keys() == b.extras.keys()
             and all(torch.equal(a.extras[k], b.extras[k]) for k in a.extras)
-            and torch.allclose(a.tokens, b.tokens, atol=1e-6, rtol=1e-5))
+            and torch.allclose(a.tokens, b.tokens, atol=1e-6 * scale, rtol=1e-5))
 
 
 def test_shard_frames_stay_within_their_byte_budgets_over_many_videos(many_shards, scorer,
