@@ -281,7 +281,8 @@ class LMMScorer:
             at = [i for i, s in enumerate(sizes) if s == size]
             inputs = self.processor.video_processor(
                 videos=[self._clip([images[i] for i in at])], return_tensors="pt",
-                **VIDEO_KWARGS, **self._video_size(len(at)))
+                **VIDEO_KWARGS, **self.family.video_kwargs,
+                **self._video_size(len(at)))
             args = _accepts(self.base.get_video_features)
             kwargs = {k: v.to(self.device) for k, v in inputs.items() if k in args}
             kwargs["pixel_values_videos"] = kwargs["pixel_values_videos"].to(self.model.dtype)
@@ -343,6 +344,7 @@ class LMMScorer:
         texts = [self.chat(it.question, it.options, it.seconds()) for it in items]
         inputs = self.processor(text=texts, videos=videos, video_metadata=metadata,
                                 padding=True, return_tensors="pt", **VIDEO_KWARGS,
+                                **self.family.video_kwargs,
                                 **self._video_size(len(items[0].frames)))
         self._check_length(inputs["input_ids"].shape[1], max(len(it.frames) for it in items))
         return inputs

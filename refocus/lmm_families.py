@@ -50,6 +50,7 @@ class Family:
     # the video processor shares one pixel budget over the clip's frames (Qwen3-VL): each frame
     # gets the share it has in a clip of this many processor frames, whatever the clip's length
     budget_frames: int | None = None
+    video_kwargs: dict[str, Any] = field(default_factory=dict)  # video processor settings
 
     def parts(self, config: Any) -> int:
         """How many hidden-size blocks sit side by side in a frame's cached tokens."""
@@ -112,14 +113,17 @@ def _rows(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 QWEN_TYPES = "mm_token_type_ids"  # Qwen's rope positions read which tokens are an image's
+# a frame's size never depends on the clip's length (the per-frame cap shares a budget)
+QWEN_VIDEO = {"cap_pixels_per_frame": False}
 FAMILIES = (
     # Qwen's model cards and lmms-eval feed video through the video processor: Qwen2-VL without
     # times, Qwen2.5-VL with its time step (second_per_grid_ts), Qwen3-VL with "<t seconds>"
-    Family("Qwen2-VL", ("qwen2_vl",), token_types=QWEN_TYPES, present="video", video="qwen"),
+    Family("Qwen2-VL", ("qwen2_vl",), token_types=QWEN_TYPES, present="video", video="qwen",
+           video_kwargs=QWEN_VIDEO),
     Family("Qwen2.5-VL", ("qwen2_5_vl",), token_types=QWEN_TYPES, present="video",
-           video="qwen"),
+           video="qwen", video_kwargs=QWEN_VIDEO),
     Family("Qwen3-VL", ("qwen3_vl",), deepstack=True, token_types=QWEN_TYPES, present="video",
-           video="qwen", budget_frames=64),  # 32 frames, each shown twice
+           video="qwen", budget_frames=64, video_kwargs=QWEN_VIDEO),  # 32 frames, twice each
     # lmms-eval's llava_onevision reads video as video: each frame pooled 2×2 (196 tokens at
     # 384 px, against 729 an image), no times
     Family("LLaVA-OneVision", ("llava_onevision",), present="video", video="onevision",
