@@ -158,10 +158,11 @@ def load_reader(path: str | os.PathLike[str], device: str | torch.device = "cpu"
 
 def reference(spec: str, corpus: Corpus, shards: str | None = None,
               reference_features: str | None = None, batch_size: int = 8,
-              cache_gb: float = REFERENCE_CACHE_GB) -> Reference:
+              cache_gb: float = REFERENCE_CACHE_GB, present: str | None = None) -> Reference:
     """``reader:PATH`` (a trained reader folder) or ``lmm:MODEL`` (a Hugging Face video-LLM
-    by hub id or path; frames from ``reference_features`` when given, else from ``shards``;
-    at most ``cache_gb`` of their features kept on its device)."""
+    by hub id or path, shown its frames as ``present`` — video or images, default per family;
+    frames from ``reference_features`` when given, else from ``shards``; at most ``cache_gb``
+    of their features kept on its device)."""
     kind, _, target = spec.partition(":")
     if kind == "reader" and target:
         from pipelines.encoder import file_sha256
@@ -174,7 +175,7 @@ def reference(spec: str, corpus: Corpus, shards: str | None = None,
         from refocus.lmm_reference import LMMReference, ShardFrames, StoreFrames
         from stores.reference import ReferenceStore
 
-        scorer = LMMScorer.load(target, batch_size=batch_size)
+        scorer = LMMScorer.load(target, batch_size=batch_size, present=present)
         if reference_features:
             return LMMReference(scorer, StoreFrames(ReferenceStore(reference_features), scorer,
                                                     cache_gb))
@@ -207,6 +208,7 @@ class RunSettings:
     reference_features: str | None = None  # a precompute-reference folder (lmm rewards)
     reference_batch: int = 8  # (question, subset) pairs per LMM forward
     reference_cache_gb: float = REFERENCE_CACHE_GB  # the LMM's frame features on its device
+    present: str | None = None  # how the LMM is shown frames (None: its family's default)
     val_split: str = VAL_SPLIT  # the questions the best checkpoint is chosen on
 
 
@@ -323,7 +325,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     corpus = load_corpus(store, qa, device)
     check_splits(corpus, store, qa, run.val_split)
     ref = reference(reward_spec, corpus, store_shards(store), run.reference_features,
-                    run.reference_batch, run.reference_cache_gb)
+                    run.reference_batch, run.reference_cache_gb, run.present)
     identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
                 if qa else None, "reward": ref.id, "settings": settings.as_dict(),
                 "run": {k: v for k, v in asdict(run).items()
@@ -440,17 +442,18 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
                    methods: Sequence[str] = tuple(BASELINES), out: str | os.PathLike[str] | None
                    = None, device: str | None = None,
                    reference_features: str | None = None,
-                   reference_cache_gb: float = REFERENCE_CACHE_GB) -> list[Row]:
+                   reference_cache_gb: float = REFERENCE_CACHE_GB,
+                   present: str | None = None) -> list[Row]:
     """Every selector at every budget on ``split``; with ``out`` (an evaluation folder refocus
     owns, locked while written), eval.csv, eval.md and eval.png there."""
     if out is None:
         return _evaluate(store, qa, split, ks, reward_spec, policies, methods, device,
-                         reference_features, reference_cache_gb)
+                         reference_features, reference_cache_gb, present)
     owned = claim(out, "eval", inputs=[store, *(qa or ()), *policies, reference_features,
                                       *reward_inputs(reward_spec)])
     with owned.lock():
         table = _evaluate(store, qa, split, ks, reward_spec, policies, methods, device,
-                          reference_features, reference_cache_gb)
+                          reference_features, reference_cache_gb, present)
         write_evaluation(table, owned.path, split)
     return table
 
@@ -458,7 +461,8 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
 def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: str,
               ks: Sequence[int], reward_spec: str, policies: Sequence[str],
               methods: Sequence[str], device: str | None,
-              reference_features: str | None, reference_cache_gb: float) -> list[Row]:
+              reference_features: str | None, reference_cache_gb: float,
+              present: str | None = None) -> list[Row]:
     corpus = load_corpus(store, qa, pick_device(device))
     rows = corpus.rows(split)
     if not rows:
@@ -472,7 +476,8 @@ def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: st
     for path, name in zip(policies, _policy_names(policies), strict=True):
         selectors.append(Learned(load_policy(path, corpus.device), name=name))
     reward_model = RewardModel(reference(reward_spec, corpus, store_shards(store),
-                                         reference_features, cache_gb=reference_cache_gb))
+                                         reference_features, cache_gb=reference_cache_gb,
+                                         present=present))
     return evaluate(corpus, rows, selectors, tuple(ks), reward_model)
 
 

@@ -45,7 +45,8 @@ def precompute_reference(shards: str | os.PathLike[str], out: str | os.PathLike[
     vision = VisionPass(scorer, settings.frames_per_pass)
     with owned.lock():
         store.open_for_writing({"model": scorer.name, "model_id": scorer_identity(scorer),
-                                "shards": str(Path(shards).resolve()), "multi_image": True})
+                                "shards": str(Path(shards).resolve()), "multi_image": True,
+                                "present": scorer.present})
         for marker in shard_set.markers():
             name = Path(marker["shard"]).name.removesuffix(".tar")
             if store.done(name):

@@ -11,6 +11,17 @@ covers a row per image (Qwen), a row per prompt (Idefics3 / SmolVLM) and a row p
 (InternVL, Gemma3). Extra per-token outputs (Qwen3-VL's deepstack features, one per chosen
 vision layer) ride along side by side in the same rows: a frame's ``tokens`` are
 ``[n_tokens, hidden × (1 + deepstack layers)]``, so a reference store keeps them unchanged.
+
+**Presentation.** Each family declares how it is shown frames by default (``present``), as its
+model card and lmms-eval feed it video: ``"video"`` — the model's native video input, through
+the processor's ``videos=`` with the frames' real times — for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and
+LLaVA-OneVision; ``"images"`` — interleaved images, each after a "frame at 12.5 s" text marker,
+a fallback — for the families refocus shows no native video (``video=None``). In video mode a
+frame's features are its own: Qwen's vision tower attends within one temporal patch, and each
+frame is repeated to fill its temporal patch (2 frames), so no two frames are merged; LLaVA-
+OneVision pools each frame alone and ends the video with one learned newline row. Qwen3-VL's
+video processor shares one pixel budget over the clip, so a frame's size would depend on how
+many are shown: each frame gets the share it has in a 32-frame clip (``budget_frames``).
 """
 
 from __future__ import annotations
@@ -33,6 +44,13 @@ class Family:
     token_types: str | None = None  # the processor output the forward takes as token types
     # processor settings for frames (as the model card feeds video frames); see FAMILIES
     frame_kwargs: dict[str, Any] = field(default_factory=dict)
+    present: str = "images"  # the default presentation: "video" or "images"
+    video: str | None = None  # the native video input refocus uses ("qwen", "onevision")
+    video_newline: bool = False  # the video's features end with one learned newline row
+    # the video processor shares one pixel budget over the clip's frames (Qwen3-VL): each frame
+    # gets the share it has in a clip of this many processor frames, whatever the clip's length
+    budget_frames: int | None = None
+    video_kwargs: dict[str, Any] = field(default_factory=dict)  # video processor settings
 
     def parts(self, config: Any) -> int:
         """How many hidden-size blocks sit side by side in a frame's cached tokens."""
@@ -40,10 +58,13 @@ class Family:
             return 1
         return 1 + len(config.vision_config.deepstack_visual_indexes)
 
-    def per_frame(self, output: Any, counts: Sequence[int], where: str) -> list[torch.Tensor]:
-        """The vision output (``get_image_features(return_dict=True)``) as one tensor per frame,
-        ``counts[i]`` rows each."""
+    def per_frame(self, output: Any, counts: Sequence[int], where: str,
+                  video: bool = False) -> list[torch.Tensor]:
+        """The vision output (``get_image_features`` / ``get_video_features``, one video, with
+        ``return_dict=True``) as one tensor per frame, ``counts[i]`` rows each."""
+        drop = 1 if video and self.video_newline else 0  # the video's closing newline row
         blocks = [_rows(output.pooler_output)]
+        blocks[0] = blocks[0][:blocks[0].shape[0] - drop]
         if self.deepstack:
             blocks += [_rows(layer) for layer in output.deepstack_features]
         if blocks[0].shape[0] != sum(counts):
@@ -71,6 +92,18 @@ class Family:
             return BaseModelOutputWithPooling(pooler_output=torch.cat(list(frames)))
         return BaseModelOutputWithPooling(pooler_output=tuple(frames))
 
+    def video_outputs(self, videos: Sequence[Sequence[torch.Tensor]], parts: int,
+                      newline: torch.Tensor | None) -> Any:
+        """Cached per-frame tokens, one video per item, as ``mm_encoder_outputs["video"]``:
+        Qwen takes a tensor per video (deepstack beside it); LLaVA-OneVision one
+        ``[1, rows, hidden]`` tensor, each video closed by its ``newline`` row."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if self.video_newline:
+            rows = [torch.cat([*frames, newline[None]]) for frames in videos]  # type: ignore
+            return BaseModelOutputWithPooling(pooler_output=torch.cat(rows)[None])
+        return self.encoder_outputs([torch.cat(list(frames)) for frames in videos], parts)
+
 
 def _rows(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-image, per-prompt or per-tile features flattened to [rows, hidden], in order."""
@@ -80,11 +113,21 @@ def _rows(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 QWEN_TYPES = "mm_token_type_ids"  # Qwen's rope positions read which tokens are an image's
+# a frame's size never depends on the clip's length (the per-frame cap shares a budget)
+QWEN_VIDEO = {"cap_pixels_per_frame": False}
 FAMILIES = (
-    Family("Qwen2-VL", ("qwen2_vl",), token_types=QWEN_TYPES),
-    Family("Qwen2.5-VL", ("qwen2_5_vl",), token_types=QWEN_TYPES),
-    Family("Qwen3-VL", ("qwen3_vl",), deepstack=True, token_types=QWEN_TYPES),
-    Family("LLaVA-OneVision", ("llava_onevision",)),
+    # Qwen's model cards and lmms-eval feed video through the video processor: Qwen2-VL without
+    # times, Qwen2.5-VL with its time step (second_per_grid_ts), Qwen3-VL with "<t seconds>"
+    Family("Qwen2-VL", ("qwen2_vl",), token_types=QWEN_TYPES, present="video", video="qwen",
+           video_kwargs=QWEN_VIDEO),
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), token_types=QWEN_TYPES, present="video",
+           video="qwen", video_kwargs=QWEN_VIDEO),
+    Family("Qwen3-VL", ("qwen3_vl",), deepstack=True, token_types=QWEN_TYPES, present="video",
+           video="qwen", budget_frames=64, video_kwargs=QWEN_VIDEO),  # 32 frames, twice each
+    # lmms-eval's llava_onevision reads video as video: each frame pooled 2×2 (196 tokens at
+    # 384 px, against 729 an image), no times
+    Family("LLaVA-OneVision", ("llava_onevision",), present="video", video="onevision",
+           video_newline=True),
     Family("LLaVA", ("llava",)),
     # one 448 px tile a frame, as the InternVL3 model card reads video (load_video max_num=1)
     # and as transformers' InternVL video processor does; tiling (crop_to_patches) would cost

@@ -307,9 +307,10 @@ def _unflatten(spec: dict[str, Any], name: str, rows: dict[str, np.ndarray]) -> 
 # ----------------------------------------------------------------------------- the reference
 
 def scorer_identity(scorer: LMMScorer) -> str:
-    """The model's name and a hash of its configuration."""
+    """The model's name, its presentation and a hash of its configuration."""
     config = scorer.model.config.to_json_string(use_diff=False)
-    return f"lmm:{scorer.name}:{hashlib.sha256(config.encode()).hexdigest()[:16]}"
+    digest = hashlib.sha256(config.encode()).hexdigest()[:16]
+    return f"lmm:{scorer.name}:{scorer.present}:{digest}"
 
 
 class LMMReference:
@@ -327,7 +328,9 @@ class LMMReference:
             local = sorted(x for x, ok in zip(p, v, strict=True) if ok)
             video_id = corpus.video_ids[int(corpus.video[q])]
             frames = self.source.frames(video_id, local, self.scorer.as_multi(len(local)))
-            items.append(Item(corpus.text[q], corpus.options_text[q], frames))
+            start = int(corpus.offsets[int(corpus.video[q])])
+            times = corpus.frame_time[[start + i for i in local]].tolist()
+            items.append(Item(corpus.text[q], corpus.options_text[q], frames, times))
         logits = self.scorer.logits_from_vision(items)
         width = corpus.max_options
         if logits.shape[1] < width:

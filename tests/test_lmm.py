@@ -41,9 +41,11 @@ def models(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def scorers(models) -> dict:
-    out = {name: LMMScorer.load(str(path), device="cpu", batch_size=8)
+    # the images presentation (its frames mix sizes); both are in tests/test_lmm_present.py
+    out = {name: LMMScorer.load(str(path), device="cpu", batch_size=8, present="images")
            for name, path in models.items()}
-    tiled = LMMScorer.load(str(models["internvl"]), device="cpu", batch_size=8)
+    tiled = LMMScorer.load(str(models["internvl"]), device="cpu", batch_size=8,
+                           present="images")
     tiled.family = replace(tiled.family, frame_kwargs={})
     out["internvl_tiled"] = tiled
     return out
@@ -123,7 +125,9 @@ def test_the_letter_logits_are_read_at_the_answer_position(scorers, frames, fami
     item = items_for(frames)[0]
     # independently: the processor, the plain forward, the full vocabulary at the last position
     text = scorer.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}] * 3 + [
+        [{"role": "user", "content": [
+            part for t in (0, 1, 2) for part in ({"type": "text", "text": f"frame at {t}.0 s: "},
+                                                 {"type": "image"})] + [
             {"type": "text", "text": question_prompt(item.question, item.options)}]}],
         add_generation_prompt=True, tokenize=False)
     assert text.rstrip().endswith("assistant")
@@ -147,7 +151,8 @@ def test_bf16_under_cpu_autocast_stays_near_float32(models, scorers, frames, fam
     """The model in bf16 on the CPU under bf16 autocast (as on CUDA), cached path, against the
     float32 full forward: within ``BF16_TOLERANCE``, and the same answer where float32 is
     sure of it (its margin over the runner-up is beyond twice the tolerance)."""
-    scorer = LMMScorer.load(str(models[family]), device="cpu", dtype=torch.bfloat16)
+    scorer = LMMScorer.load(str(models[family]), device="cpu", dtype=torch.bfloat16,
+                            present="images")
     assert scorer.model.dtype == torch.bfloat16
     items = items_for(frames)
     low = scorer.logits_from_vision(cached_items(scorer, frames, items))
@@ -169,7 +174,7 @@ def test_a_tokenizer_whose_letters_are_not_single_tokens_is_refused(tmp_path):
 
 def test_a_prompt_longer_than_the_context_is_a_clear_error(tmp_path, frames):
     scorer = LMMScorer.load(str(build_qwen2_vl(tmp_path / "short", max_positions=64)),
-                            device="cpu")
+                            device="cpu", present="images")
     item = Item("What colour was the circle?", ["red", "green"], frames[:6])
     for score in (scorer.logits_from_images,
                   lambda items: scorer.logits_from_vision(
@@ -212,7 +217,8 @@ def test_precomputed_features_score_like_features_from_the_shards(
         models, scorers, sample_shards, tmp_path, family, capsys):
     out = tmp_path / "reference"
     args = ["precompute-reference", "--model", str(models[family]), "--shards",
-            str(sample_shards), "--out", str(out), "--device", "cpu", "--frames-per-pass", "5"]
+            str(sample_shards), "--out", str(out), "--device", "cpu", "--frames-per-pass", "5",
+            "--present", "images"]
     assert main(args) == EXIT_OK
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards_written"] == 4 and summary["frames"] > 0
@@ -294,7 +300,8 @@ def test_the_precompute_flow_writes_what_the_command_writes(prefect_api, models,
                                                            sample_shards, tmp_path):
     from flows.orchestrate import precompute_flow
 
-    model, scorer = str(models["qwen2_vl"]), scorers["qwen2_vl"]
+    model = str(models["qwen2_vl"])
+    scorer = LMMScorer.load(model, device="cpu")  # the family's default, as the flow runs
     plain, flowed = tmp_path / "plain", tmp_path / "flow"
     assert main(["precompute-reference", "--model", model, "--shards", str(sample_shards),
                  "--out", str(plain), "--device", "cpu", "--frames-per-pass", "5"]) == EXIT_OK

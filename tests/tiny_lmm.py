@@ -10,12 +10,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-# A Qwen-style chat template; image parts become the processor's image placeholder.
+# A Qwen-style chat template; image parts become the processor's image placeholder, video
+# parts its video placeholder (@VIDEO@: nothing for a family without one).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}@IMAGE@"
+    "{% elif part['type'] == 'video' %}@VIDEO@"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -63,6 +65,7 @@ def save(model_class: Any, config: Any, processor: Any, folder: Path, seed: int)
             if p.ndim >= 2:
                 torch.nn.init.normal_(p, std=WEIGHT_STD)
     model.save_pretrained(folder)
+    processor.chat_template = processor.chat_template.replace("@VIDEO@", "")
     processor.save_pretrained(folder)
     return folder
 
@@ -96,10 +99,9 @@ def build_qwen2_vl(folder: Path, split_letters: bool = False, seed: int = 0,
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
-    template = CHAT_TEMPLATE.replace("@IMAGE@", "<|vision_start|><|image_pad|><|vision_end|>")
     processor = Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(),
-                                 chat_template=template)
+                                 video_processor=Qwen2VLVideoProcessor(**QWEN_VIDEO_SIZE),
+                                 chat_template=QWEN_TEMPLATE)
     return save(Qwen2VLForConditionalGeneration, config, processor, folder, seed)
 
 
@@ -132,9 +134,10 @@ def build_llava_onevision(folder: Path, seed: int = 0) -> Path:
     images = LlavaOnevisionImageProcessor(
         size={"height": 56, "width": 56}, crop_size={"height": 56, "width": 56},
         image_grid_pinpoints=config.image_grid_pinpoints)
-    template = CHAT_TEMPLATE.replace("@IMAGE@", "<image>")
+    template = CHAT_TEMPLATE.replace("@IMAGE@", "<image>").replace("@VIDEO@", "<video>")
     processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
-                                        video_processor=LlavaOnevisionVideoProcessor(),
+                                        video_processor=LlavaOnevisionVideoProcessor(
+                                            size={"height": 56, "width": 56}),
                                         chat_template=template, num_image_tokens=16,
                                         vision_feature_select_strategy="full")
     return save(LlavaOnevisionForConditionalGeneration, config, processor, folder, seed)
@@ -154,7 +157,10 @@ def _qwen_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
                 vision_end_token_id=ids["<|vision_end|>"])
 
 
-QWEN_TEMPLATE = CHAT_TEMPLATE.replace("@IMAGE@", "<|vision_start|><|image_pad|><|vision_end|>")
+QWEN_TEMPLATE = CHAT_TEMPLATE.replace(
+    "@IMAGE@", "<|vision_start|><|image_pad|><|vision_end|>").replace(
+    "@VIDEO@", "<|vision_start|><|video_pad|><|vision_end|>")
+QWEN_VIDEO_SIZE = dict(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
 
 
 def build_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
@@ -179,7 +185,7 @@ def build_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id)
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(**QWEN_VIDEO_SIZE),
         chat_template=QWEN_TEMPLATE)
     return save(Qwen2_5_VLForConditionalGeneration, config, processor, folder, seed)
 
@@ -208,7 +214,8 @@ def build_qwen3_vl(folder: Path, seed: int = 0) -> Path:
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, min_pixels=64 * 64,
                                               max_pixels=128 * 128),
-        tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(patch_size=16),
+        tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(
+            patch_size=16, size={"shortest_edge": 64 * 64 * 64, "longest_edge": 128 * 128 * 64}),
         chat_template=QWEN_TEMPLATE)
     return save(Qwen3VLForConditionalGeneration, config, processor, folder, seed)
 

@@ -33,6 +33,9 @@ def _store_options(p: argparse.ArgumentParser) -> None:
 REWARD_HELP = ("reference model: reader:PATH (a refocus train-reader folder) or lmm:MODEL (a "
                "Hugging Face video-LLM: hub id or local folder, e.g. "
                "lmm:Qwen/Qwen2.5-VL-7B-Instruct)")
+PRESENT_HELP = ("with lmm:, how the model is shown the frames: video (its native video input, "
+                "with the frames' times) or images (each frame after a 'frame at t s' marker, a "
+                "fallback); default: as the family's model card feeds video (see README)")
 
 
 def _reward_options(p: argparse.ArgumentParser) -> None:
@@ -46,6 +49,7 @@ def _reward_options(p: argparse.ArgumentParser) -> None:
                    metavar="GB", help="with lmm:, device memory for per-frame vision features "
                    "kept between subsets (least recently used ones are dropped and "
                    "recomputed or reread)")
+    p.add_argument("--present", metavar="video|images", help=PRESENT_HELP)
 
 
 # ----------------------------------------------------------------------------- train-reader
@@ -167,7 +171,8 @@ def _run_train(args: argparse.Namespace) -> int:
                       hidden=args.hidden, device=args.device,
                       reference_features=args.reference_features,
                       reference_batch=args.reference_batch,
-                      reference_cache_gb=args.reference_cache_gb, val_split=args.val_split)
+                      reference_cache_gb=args.reference_cache_gb, val_split=args.val_split,
+                      present=args.present)
     env = DistEnv.from_environ()
     if settings.questions_per_step % env.world_size:
         raise UserError(f"--questions-per-step {settings.questions_per_step} must divide evenly "
@@ -233,7 +238,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     methods = args.methods if args.methods is not None else list(BASELINES)
     table = evaluate_stage(args.store, args.qa, args.split, args.k, args.reward, args.policy,
                            methods, args.out, args.device, args.reference_features,
-                           args.reference_cache_gb)
+                           args.reference_cache_gb, args.present)
     console.out.print(markdown_table([r for r in table if r.category == "all"], args.split))
     if args.out:
         console.out.print(f"per question kind: {args.out / 'eval.md'}; also eval.csv, eval.png")

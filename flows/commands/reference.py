@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from flows import console
+from flows.commands.learn import PRESENT_HELP
 from flows.options import EXIT_OK, add_command, positive_int
 
 
@@ -31,6 +32,7 @@ def add_precompute_reference(sub: argparse._SubParsersAction) -> None:
                    help="ingest folder (refocus ingest --out)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="reference folder")
     p.add_argument("--device", help="torch device (default: cuda when present)")
+    p.add_argument("--present", metavar="video|images", help=PRESENT_HELP)
     p.add_argument("--frames-per-pass", type=positive_int, default=REFERENCE_FRAMES_PER_PASS,
                    metavar="N", help="frames through the vision tower at once (halved on GPU "
                    "out-of-memory)")
@@ -45,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     shards = ShardSet(args.shards)
     total = sum(len(m["samples"]) for m in shards.markers())
     claim_reference(args.shards, args.out)  # a bad --out fails before the model loads
-    scorer = LMMScorer.load(args.model, device=args.device)
+    scorer = LMMScorer.load(args.model, device=args.device, present=args.present)
     with console.progress_bar("precompute-reference", "videos") as bar:
         task = bar.add_task("precompute-reference", total=total, detail="")
 
