@@ -11,8 +11,9 @@ counted, in both presentations —
 * **images**: each frame a separate image (Qwen: one image = its frame doubled in time;
   InternVL: the frame tiled as its processor does; LLaVA-OneVision: anyres tiling for a lone
   image, the 729-token base view plus a newline for each of several);
-* **video**: the frames as one video (Qwen: temporal patch 2 merges frame pairs, Qwen3-VL adds
-  a ``<t seconds>`` stamp per pair; LLaVA-OneVision pools each frame to 14×14 = 196 tokens
+* **video**: the frames as one video, as refocus shows it (Qwen: each frame repeated to fill
+  the temporal patch of 2, so none is merged with another, Qwen3-VL adds a ``<t seconds>``
+  stamp per frame; LLaVA-OneVision pools each frame to 14×14 = 196 tokens
   plus one newline per video; InternVL: 256 tokens per frame, no tiling, ``FrameN:`` markers).
 
 Memory per subset of k frames, prompt length L tokens, in bf16 (2 B):
@@ -39,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from refocus.lmm_families import family_of
+
 PRESENTATIONS = ("images", "video")
 SUBSET_SIZES = (8, 16, 32)
 CANDIDATES = 512  # candidate frames per video cached by the reward (refocus ingests up to this)
@@ -49,6 +52,7 @@ GIB = 1 << 30
 # Capacity as torch.cuda reports it (total_memory) for the two memory classes of data-centre GPUs
 GPUS = {"80 GB": 79.2 * GIB, "141 GB": 139.8 * GIB}
 MAX_BATCH = 256  # a recommendation beyond this is capped (no gain from larger forwards)
+QWEN_TEMPORAL_PATCH = 2  # frames per temporal patch in Qwen's vision towers
 FPS = 2.0  # frame times given to the video processors (refocus samples 2 fps by default)
 # A NExT-QA-style question with five options, as refocus.lmm phrases it, to count text tokens
 EXAMPLE_PROMPT = (
@@ -349,14 +353,19 @@ def prompt_tokens(spec: ModelSpec, processor: Any, present: str, frames: int,
     tok = processor.tokenizer
     text_only = len(tok(chat(""))["input_ids"])
     pixels = blank_frames(frames, size)
-    if present == "images":
+    if present == "images":  # with the processor settings refocus gives frames (its Family)
+        family = family_of(spec.config(), spec.key)
         out = processor(text=[chat(spec.image_slot * frames)], images=[pixels],
-                        return_tensors="pt")
+                        return_tensors="pt", **family.frame_kwargs)
         slot = processor.image_token
     else:
         kwargs: dict[str, Any] = {}
+        if spec.key.startswith("qwen"):  # as refocus shows a video to Qwen (refocus/lmm.py):
+            # each frame twice, filling one temporal patch, so no two frames are merged
+            pixels = [p for p in pixels for _ in range(QWEN_TEMPORAL_PATCH)]
         if "Qwen3VL" in type(processor).__name__ or "Qwen2_5" in type(processor).__name__:
-            kwargs = {"video_metadata": [_video_metadata(frames)], "do_sample_frames": False}
+            kwargs = {"video_metadata": [_video_metadata(len(pixels))],
+                      "do_sample_frames": False}
         out = processor(text=[chat(spec.video_slot)], videos=[np.stack(pixels)],
                         return_tensors="pt", **kwargs)
         slot = getattr(processor, "video_token", None) or processor.image_token
@@ -402,7 +411,7 @@ class SubsetRow:
 @dataclass
 class PresentationRow:
     present: str
-    tokens_per_frame: float  # vision tokens per frame (Qwen video: per pair / 2)
+    tokens_per_frame: float  # vision tokens per frame
     tokens_per_video: float  # vision tokens once per video (LLaVA-OV: its newline)
     prompt_tokens_per_frame: float  # all tokens a frame adds (markers, stamps included)
     lone_image_tokens: int | None  # a single frame alone (LLaVA-OV anyres differs)
@@ -476,16 +485,19 @@ def budget(spec: ModelSpec, size: tuple[int, int] = FRAME_SIZE,
 def notes(spec: ModelSpec) -> list[str]:
     out = []
     if spec.key.startswith("qwen"):
-        out.append("video: temporal patch 2 merges frame pairs, so a pair's features depend on "
-                   "both frames; per-frame caching holds for fixed pairs only")
+        out.append("video: refocus repeats each frame to fill the temporal patch of 2, so no "
+                   "two frames are merged and each is cached on its own (an image's tokens)")
     if spec.deepstack:
         out.append(f"features include {spec.deepstack} deepstack maps per token "
                    "(the LM adds them at its first layers)")
     if spec.key.startswith("llava"):
         out.append("images: a lone frame is tiled (anyres); each of several is 729 + 1 tokens")
     if spec.key.startswith("internvl"):
-        out.append("images: each frame is tiled into 448 px crops plus a thumbnail, "
-                   "256 tokens each")
+        out.append("images: one 448 px tile a frame (crop_to_patches off, as refocus gives "
+                   "frames), 256 tokens; its default tiling would cost 3 tiles for 16:9")
+    if family_of(spec.config(), spec.key).video is None:
+        out.append("video: the model's own video input, for comparison; refocus refuses "
+                   "--present video for this family and shows frames as images")
     return out
 
 

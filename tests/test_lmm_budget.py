@@ -58,12 +58,12 @@ def vision_tokens(key: str, present: str, frames: int, size: tuple[int, int]) ->
 
 
 def test_qwen2_5_vl_frame_tokens_follow_the_published_formula():
-    # H, W multiples of 28: (H/28) × (W/28) merged tokens per image; as video, temporal patch
-    # 2 makes a pair of frames cost what one image does
+    # H, W multiples of 28: (H/28) × (W/28) merged tokens per image; as video refocus repeats
+    # each frame to fill the temporal patch of 2, so a frame costs what one image does
     height, width = 392, 672
     per_image = (height // 28) * (width // 28)
     assert vision_tokens("qwen2.5-vl-7b", "images", 3, (height, width)).vision == 3 * per_image
-    assert vision_tokens("qwen2.5-vl-7b", "video", 4, (height, width)).vision == 2 * per_image
+    assert vision_tokens("qwen2.5-vl-7b", "video", 4, (height, width)).vision == 4 * per_image
 
 
 def test_qwen3_vl_frame_tokens_follow_the_published_formula():
@@ -71,9 +71,9 @@ def test_qwen3_vl_frame_tokens_follow_the_published_formula():
     per_image = (height // 32) * (width // 32)
     assert vision_tokens("qwen3-vl-8b", "images", 2, (height, width)).vision == 2 * per_image
     video = vision_tokens("qwen3-vl-8b", "video", 4, (height, width))
-    assert video.vision == 2 * per_image
-    # plus a "<t seconds>" stamp and vision start/end per pair
-    assert video.tokens - video.text > video.vision + 2 * 2
+    assert video.vision == 4 * per_image
+    # plus a "<t seconds>" stamp and vision start/end per frame
+    assert video.tokens - video.text > video.vision + 4 * 2
 
 
 def test_llava_onevision_and_internvl_frame_tokens():
@@ -86,8 +86,14 @@ def test_llava_onevision_and_internvl_frame_tokens():
     # InternVL: 256 tokens per 448 px tile; a square frame is one tile, a video frame too
     assert vision_tokens("internvl3-2b", "images", 2, (448, 448)).vision == 2 * 256
     assert vision_tokens("internvl3-2b", "video", 3, size).vision == 3 * 256
-    # a 16:9 frame: 2 × 1 tiles (the closest grid of at most 12) plus a thumbnail
-    assert vision_tokens("internvl3-2b", "images", 1, size).vision == 3 * 256
+    # a 16:9 frame as refocus gives it (one tile, crop_to_patches off): 256 tokens, where the
+    # processor's default tiling would give 2 × 1 tiles plus a thumbnail
+    assert vision_tokens("internvl3-2b", "images", 1, size).vision == 256
+    spec = lb.MODELS["internvl3-2b"]
+    tiled = spec.processor()(text=[lb.chat(spec.image_slot)], images=[lb.blank_frames(1, size)],
+                             return_tensors="pt")["input_ids"][0]
+    context = spec.processor().tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert int((tiled == context).sum()) == 3 * 256
 
 
 def test_memory_formulas_by_hand():
