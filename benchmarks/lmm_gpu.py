@@ -193,7 +193,8 @@ def frames_for(count: int, size: tuple[int, int], seed: int) -> list[np.ndarray]
 
 def prompt_length(scorer: LMMScorer, frames: Sequence[np.ndarray]) -> tuple[int, int]:
     """(prompt tokens, vision tokens) of one subset, from the processor itself."""
-    out = scorer.processor(text=[scorer.chat(QUESTION, OPTIONS, len(frames))],
+    times = [float(i) for i in range(len(frames))]  # one frame a second
+    out = scorer.processor(text=[scorer.chat(QUESTION, OPTIONS, times)],
                            images=[list(frames)], return_tensors="pt")
     ids = out["input_ids"][0]
     return int(ids.numel()), int((ids == scorer.image_token_id).sum())
@@ -242,7 +243,9 @@ def measure_family(name: str, build: Callable[[torch.device, torch.dtype], Built
     record: dict[str, Any] = {"family": name, "status": "ok", "rows": []}
     try:
         built = build(device, dtype)
-        scorer = LMMScorer(built.model, built.processor, name, batch_size=args.batch)
+        # frames as images (the benchmark's processors carry an images-only chat template)
+        scorer = LMMScorer(built.model, built.processor, name, batch_size=args.batch,
+                           present="images")
         params = parameter_split(built.model)
         record.update(decoder_parameters=params[0], vision_parameters=params[1],
                       frame_size=list(built.frame_size))

@@ -57,6 +57,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--family", choices=["qwen2_vl", "llava_onevision"], default="qwen2_vl")
+    p.add_argument("--present", choices=["video", "images"],
+                   help="how the frames are shown (default: the family's, video for both)")
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with VideoDecoder(shared_video(), DecodeSettings(fps=2, max_frames=64, size=112)) as video:
@@ -64,7 +66,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         build = build_qwen2_vl if args.family == "qwen2_vl" else build_llava_onevision
         scorer = LMMScorer.load(str(build(Path(tmp) / args.family)), device="cpu",
-                                batch_size=args.batch)
+                                batch_size=args.batch, present=args.present)
         g = torch.Generator().manual_seed(0)
         subsets = [sorted(torch.randperm(len(frames), generator=g)[:args.k].tolist())
                    for _ in range(args.pairs)]
