@@ -40,8 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from refocus.lmm_families import family_of
-
 PRESENTATIONS = ("images", "video")
 SUBSET_SIZES = (8, 16, 32)
 CANDIDATES = 512  # candidate frames per video cached by the reward (refocus ingests up to this)
@@ -354,7 +352,7 @@ def prompt_tokens(spec: ModelSpec, processor: Any, present: str, frames: int,
     text_only = len(tok(chat(""))["input_ids"])
     pixels = blank_frames(frames, size)
     if present == "images":  # with the processor settings refocus gives frames (its Family)
-        family = family_of(spec.config(), spec.key)
+        family = _family(spec)
         out = processor(text=[chat(spec.image_slot * frames)], images=[pixels],
                         return_tensors="pt", **family.frame_kwargs)
         slot = processor.image_token
@@ -482,6 +480,13 @@ def budget(spec: ModelSpec, size: tuple[int, int] = FRAME_SIZE,
     return ModelBudget(spec.key, spec.hub_id, params, shape, size, rows, notes(spec))
 
 
+def _family(spec: ModelSpec) -> Any:
+    """How refocus shows this model frames (imported here: ``--help`` stays torch-free)."""
+    from refocus.lmm_families import family_of
+
+    return family_of(spec.config(), spec.key)
+
+
 def notes(spec: ModelSpec) -> list[str]:
     out = []
     if spec.key.startswith("qwen"):
@@ -495,7 +500,7 @@ def notes(spec: ModelSpec) -> list[str]:
     if spec.key.startswith("internvl"):
         out.append("images: one 448 px tile a frame (crop_to_patches off, as refocus gives "
                    "frames), 256 tokens; its default tiling would cost 3 tiles for 16:9")
-    if family_of(spec.config(), spec.key).video is None:
+    if _family(spec).video is None:
         out.append("video: the model's own video input, for comparison; refocus refuses "
                    "--present video for this family and shows frames as images")
     return out
