@@ -290,8 +290,7 @@ def embed_job(shards_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     ingest_info = {"shards": str(Path(shards_dir).resolve()), "settings": source.plan["settings"]}
     with owned.lock():
         # chunk writes a killed run left half-done (never renamed), inside the store it made
-        for stale in (owned.path / STORE_DIR).rglob("*.partial"):
-            stale.unlink()
+        owned.remove_stale("*.partial", under=STORE_DIR)
         writer = FeatureWriter(out_dir, embed_plan.layout, identity, ingest_info)
         todo = [s for s in embed_plan.shards if not writer.done(s.index)]
         yield EmbedJob(Path(shards_dir), out_dir, embed_plan, writer, todo)

@@ -191,7 +191,7 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
             folder = owned.path / keys[row.qid]
             folder.mkdir(exist_ok=True)
             for pattern in JPEG_FRAMES:  # a folder named by its export key: made here
-                Owned(folder, owned.kind).remove_stale(pattern)
+                owned.remove_stale(pattern, under=keys[row.qid])
             for rank, (jpeg, t) in enumerate(zip(chosen(row), row.timestamps, strict=True)):
                 path = folder / f"{rank:03d}_{t:010.3f}s.jpg"
                 tmp = path.with_name(path.name + ".tmp")

@@ -104,11 +104,20 @@ class Owned:
             else:
                 target.unlink(missing_ok=True)
 
-    def remove_stale(self, pattern: str = "*.tmp") -> list[str]:
-        """Delete the entries matching ``pattern`` (a made name: temporaries a killed run left)."""
-        names = sorted(p.name for p in self.path.glob(pattern))
-        self.remove(*names)
-        return names
+    def remove_stale(self, pattern: str = "*.tmp", under: str | None = None) -> list[str]:
+        """Delete the entries matching ``pattern`` (a made name: temporaries a killed run
+        left) in this folder, or, with ``under``, files anywhere below that sub-folder (one
+        refocus made here, e.g. its Zarr store). Returns their paths relative to the folder."""
+        if under is None:
+            names = sorted(p.name for p in self.path.glob(pattern))
+            self.remove(*names)
+            return names
+        found = sorted(p for p in (self.path / under).rglob(pattern) if p.is_file())
+        for path in found:
+            if not is_made(path.name):
+                raise ValueError(f"refocus does not delete {path.name!r}: not a name it makes")
+            path.unlink()
+        return [str(p.relative_to(self.path)) for p in found]
 
     def child(self, name: str, kind: str | None = None) -> Owned:
         """A sub-folder of this one, owned on its own (``kind`` defaults to ``name``)."""

@@ -130,6 +130,16 @@ def test_remove_deletes_only_made_names(tmp_path):
             owned.remove(name)
     assert (owned.path / "keep.txt").read_text() == "mine"
     assert owned.remove_stale("*.tmp") == []
+    deep = owned.path / "store.zarr" / "a" / "c"
+    deep.mkdir(parents=True)
+    (deep / "0.partial").write_text("x")
+    (deep / "0").write_text("chunk")
+    assert owned.remove_stale("*.partial", under="store.zarr") == ["store.zarr/a/c/0.partial"]
+    assert sorted(p.name for p in deep.iterdir()) == ["0"]
+    (deep / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError):  # a pattern that reaches a name refocus does not make
+        owned.remove_stale("*.txt", under="store.zarr")
+    assert (deep / "notes.txt").read_text() == "mine"
 
 
 def test_the_folder_lock_refuses_a_second_process(tmp_path):
