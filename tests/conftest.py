@@ -76,6 +76,16 @@ def held_by_another_process(folder: Path, kind: str) -> Iterator[None]:
         holder.wait()
 
 
+@pytest.fixture(scope="session")
+def tiny_lmms(tmp_path_factory) -> dict[str, Path]:
+    """Every reference-LMM family of tests/tiny_lmm.py, built once for the session (model
+    folders the tests only read)."""
+    from tiny_lmm import BUILDERS
+
+    root = tmp_path_factory.mktemp("tiny-lmms")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
 def _find_shared_data() -> Path | None:
     env = os.environ.get("REFOCUS_SHARED_DATA")
     candidates = [Path(env)] if env else []

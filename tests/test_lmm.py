@@ -34,17 +34,11 @@ def offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("lmm")
-    return {name: build(root / name) for name, build in BUILDERS.items()}
-
-
-@pytest.fixture(scope="module")
-def scorers(models) -> dict:
+def scorers(tiny_lmms) -> dict:
     # the images presentation (its frames mix sizes); both are in tests/test_lmm_present.py
     out = {name: LMMScorer.load(str(path), device="cpu", batch_size=8, present="images")
-           for name, path in models.items()}
-    tiled = LMMScorer.load(str(models["internvl"]), device="cpu", batch_size=8,
+           for name, path in tiny_lmms.items()}
+    tiled = LMMScorer.load(str(tiny_lmms["internvl"]), device="cpu", batch_size=8,
                            present="images")
     tiled.family = replace(tiled.family, frame_kwargs={})
     out["internvl_tiled"] = tiled
@@ -152,11 +146,11 @@ BF16_TOLERANCE = 0.25  # absolute; measured at most 0.19 (bf16 keeps 8 bits of m
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_under_cpu_autocast_stays_near_float32(models, scorers, frames, family):
+def test_bf16_under_cpu_autocast_stays_near_float32(tiny_lmms, scorers, frames, family):
     """The model in bf16 on the CPU under bf16 autocast (as on CUDA), cached path, against the
     float32 full forward: within ``BF16_TOLERANCE``, and the same answer where float32 is
     sure of it (its margin over the runner-up is beyond twice the tolerance)."""
-    scorer = LMMScorer.load(str(models[family]), device="cpu", dtype=torch.bfloat16,
+    scorer = LMMScorer.load(str(tiny_lmms[family]), device="cpu", dtype=torch.bfloat16,
                             present="images")
     assert scorer.model.dtype == torch.bfloat16
     items = items_for(frames)
@@ -219,9 +213,9 @@ def test_an_unsupported_family_is_refused_at_load_in_one_line(tmp_path, config, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_precomputed_features_score_like_features_from_the_shards(
-        models, scorers, sample_shards, tmp_path, family, capsys):
+        tiny_lmms, scorers, sample_shards, tmp_path, family, capsys):
     out = tmp_path / "reference"
-    args = ["precompute-reference", "--model", str(models[family]), "--shards",
+    args = ["precompute-reference", "--model", str(tiny_lmms[family]), "--shards",
             str(sample_shards), "--out", str(out), "--device", "cpu", "--frames-per-pass", "5",
             "--present", "images"]
     assert main(args) == EXIT_OK
@@ -247,20 +241,20 @@ def test_precomputed_features_score_like_features_from_the_shards(
         StoreFrames(ReferenceStore(out), scorers[other])
 
 
-def test_training_with_lmm_rewards(models, synth_store, tmp_path):
+def test_training_with_lmm_rewards(tiny_lmms, synth_store, tmp_path):
     """The LMM through the same reward interface as the reader: a short GRPO run, and its
     rewards equal the scorer's margins computed by hand."""
     from pipelines.learn import load_corpus, reference
 
     store = synth_store / "features"
     run = tmp_path / "run"
-    assert main(["train", "--store", str(store), "--reward", f"lmm:{models['qwen2_vl']}",
+    assert main(["train", "--store", str(store), "--reward", f"lmm:{tiny_lmms['qwen2_vl']}",
                  "--out", str(run), "--steps", "2", "--questions-per-step", "2", "--group", "2",
                  "--budgets", "3", "--eval-every", "2", "--device", "cpu"]) == EXIT_OK
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["finished"] and summary["reward"].startswith(f"lmm:{models['qwen2_vl']}:")
+    assert summary["finished"] and summary["reward"].startswith(f"lmm:{tiny_lmms['qwen2_vl']}:")
     corpus = load_corpus(store, None)
-    ref = reference(f"lmm:{models['qwen2_vl']}", corpus, str(synth_store / "shards"))
+    ref = reference(f"lmm:{tiny_lmms['qwen2_vl']}", corpus, str(synth_store / "shards"))
     assert isinstance(ref, LMMReference)
     q = torch.tensor([0, 5])
     picks = torch.tensor([[0, 7, 3], [2, 4, 6]])
@@ -301,11 +295,11 @@ def test_a_batch_that_runs_out_of_memory_is_halved(scorers, frames, monkeypatch)
         torch.testing.assert_close(row[:n], single[:n], atol=2e-5, rtol=1e-5)
 
 
-def test_the_precompute_flow_writes_what_the_command_writes(prefect_api, models, scorers,
+def test_the_precompute_flow_writes_what_the_command_writes(prefect_api, tiny_lmms, scorers,
                                                            sample_shards, tmp_path):
     from flows.orchestrate import precompute_flow
 
-    model = str(models["qwen2_vl"])
+    model = str(tiny_lmms["qwen2_vl"])
     scorer = LMMScorer.load(model, device="cpu")  # the family's default, as the flow runs
     plain, flowed = tmp_path / "plain", tmp_path / "flow"
     assert main(["precompute-reference", "--model", model, "--shards", str(sample_shards),

@@ -34,16 +34,10 @@ def offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("lmm-present")
-    return {name: build(root / name) for name, build in BUILDERS.items()}
-
-
-@pytest.fixture(scope="module")
-def scorers(models) -> dict:
+def scorers(tiny_lmms) -> dict:
     """(family, presentation) → a scorer, or the one-line refusal of that presentation."""
     out: dict = {}
-    for name, path in models.items():
+    for name, path in tiny_lmms.items():
         for present in PRESENTATIONS:
             try:
                 out[name, present] = LMMScorer.load(str(path), device="cpu", present=present)
@@ -197,7 +191,7 @@ def test_images_mode_marks_each_frame_with_its_time(scorers, clips, family):
     assert re.findall(r"frame at \d+\.\d s", scorer.tokenizer.decode(ids)) == markers
 
 
-def test_the_default_presentation_is_what_the_readme_says(scorers, models):
+def test_the_default_presentation_is_what_the_readme_says(scorers, tiny_lmms):
     """README's family table names each family's default presentation; a scorer loaded with
     no ``present`` uses it."""
     table = {}
@@ -210,7 +204,7 @@ def test_the_default_presentation_is_what_the_readme_says(scorers, models):
                   if line.startswith("| family"))
     column = [c.strip() for c in header.strip().strip("|").split("|")].index(
         "default presentation")
-    for name, path in models.items():
+    for name, path in tiny_lmms.items():
         family = BY_MODEL_TYPE[name]
         scorer = LMMScorer.load(str(path), device="cpu")
         assert scorer.present == table[family.label][column] == family.present, name
@@ -224,15 +218,15 @@ def test_the_presentation_is_part_of_the_reference_identity(scorers):
     assert ":video:" in scorer_identity(video) and ":images:" in scorer_identity(images)
 
 
-def test_a_bad_presentation_is_one_line(models):
+def test_a_bad_presentation_is_one_line(tiny_lmms):
     with pytest.raises(UserError, match=r"^--present 'movie': choose from video, images$"):
-        LMMScorer.load(str(models["qwen2_vl"]), device="cpu", present="movie")
+        LMMScorer.load(str(tiny_lmms["qwen2_vl"]), device="cpu", present="movie")
 
 
 def test_precompute_records_the_presentation_and_the_cli_refuses_a_missing_one(
-        models, scorers, sample_shards, tmp_path, capsys):
+        tiny_lmms, scorers, sample_shards, tmp_path, capsys):
     out = tmp_path / "reference"
-    base = ["precompute-reference", "--model", str(models["qwen2_vl"]), "--shards",
+    base = ["precompute-reference", "--model", str(tiny_lmms["qwen2_vl"]), "--shards",
             str(sample_shards), "--device", "cpu", "--frames-per-pass", "8"]
     assert main([*base, "--out", str(out), "--present", "images"]) == EXIT_OK
     identity = ReferenceStore(out).identity()
@@ -245,7 +239,7 @@ def test_precompute_records_the_presentation_and_the_cli_refuses_a_missing_one(
     with pytest.raises(UserError):  # features of images, asked for by a video scorer
         StoreFrames(ReferenceStore(out), scorers["qwen2_vl", "video"])
     capsys.readouterr()
-    llava = ["precompute-reference", "--model", str(models["llava"]), "--shards",
+    llava = ["precompute-reference", "--model", str(tiny_lmms["llava"]), "--shards",
              str(sample_shards), "--device", "cpu", "--present", "video",
              "--out", str(tmp_path / "llava")]
     assert main(llava) == EXIT_USAGE
