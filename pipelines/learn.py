@@ -20,7 +20,16 @@ import torch.distributed as dist
 
 from pipelines import plots
 from refocus.data import Corpus
-from refocus.evaluation import ALL, Row, evaluate
+from refocus.evaluation import (
+    ALL,
+    IDEAL,
+    IdealObserver,
+    Judge,
+    ModelJudge,
+    Row,
+    evaluate,
+    labels,
+)
 from refocus.policy import FrameSelector, PolicyConfig
 from refocus.reader import Reader, ReaderConfig, accuracy, train_reader
 from refocus.rewards import ReaderReference, Reference, RewardCache, RewardModel
@@ -437,32 +446,70 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
 
 # ----------------------------------------------------------------------------- evaluation
 
+JUDGE_FORMS = ("ideal (the ideal observer: no model), reader:PATH (a refocus train-reader "
+               "folder) or lmm:MODEL (a Hugging Face video-LLM id or folder)")
+IDEAL_RULE = ("right exactly when the chosen frames hit every evidence span, else a uniform "
+              "guess among the options (expected accuracy)")
+
+
+def judge_specs(reward_spec: str | None, judges: Sequence[str] = ()) -> list[str]:
+    """The judges of an evaluation, in order and once each: the ``--reward`` reference (the
+    one judge of earlier versions), then every ``--judge``; each checked for its form."""
+    named = [("--reward", reward_spec)] if reward_spec else []
+    named += [("--judge", spec) for spec in judges]
+    if not named:
+        raise UserError(f"eval: no judge; pass --judge SPEC (one or more of {JUDGE_FORMS})")
+    for option, spec in named:
+        kind, _, target = spec.partition(":")
+        if spec != IDEAL and not (kind in ("reader", "lmm") and target):
+            raise UserError(f"{option} {spec!r}: expected {JUDGE_FORMS}")
+    return list(dict.fromkeys(spec for _, spec in named))
+
+
+def policy_reward(path: str | os.PathLike[str]) -> str | None:
+    """The id of the reference that gave a policy its rewards: from its config.json, else from
+    the run folder's run.json; None when neither says."""
+    reward = policy_record(path).get("reward")
+    if reward:
+        return str(reward)
+    try:
+        run = json.loads((Path(path) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(run["reward"]) if isinstance(run, dict) and run.get("reward") else None
+
+
 def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, split: str,
-                   ks: Sequence[int], reward_spec: str, policies: Sequence[str] = (),
+                   ks: Sequence[int], reward_spec: str | None, policies: Sequence[str] = (),
                    methods: Sequence[str] = tuple(BASELINES), out: str | os.PathLike[str] | None
                    = None, device: str | None = None,
                    reference_features: str | None = None,
                    reference_cache_gb: float = REFERENCE_CACHE_GB,
-                   present: str | None = None) -> list[Row]:
-    """Every selector at every budget on ``split``; with ``out`` (an evaluation folder refocus
-    owns, locked while written), eval.csv, eval.md and eval.png there."""
+                   present: str | None = None, judges: Sequence[str] = ()) -> list[Row]:
+    """Every selector at every budget on ``split``, scored by every judge (``reward_spec``,
+    kept for earlier callers, is the first; ``judges``: more specs, ``ideal`` among them);
+    with ``out`` (an evaluation folder refocus owns, locked while written), eval.csv,
+    eval.md, eval.json and eval.png there. Rows: one per method, k, kind and judge
+    (``refocus.evaluation.accuracy_by_judge`` reads them as data)."""
+    specs = judge_specs(reward_spec, judges)
     if out is None:
-        return _evaluate(store, qa, split, ks, reward_spec, policies, methods, device,
-                         reference_features, reference_cache_gb, present)
+        return _evaluate(store, qa, split, ks, specs, policies, methods, device,
+                         reference_features, reference_cache_gb, present)[0]
     owned = claim(out, "eval", inputs=[store, *(qa or ()), *policies, reference_features,
-                                      *reward_inputs(reward_spec)])
+                                      *(p for spec in specs for p in reward_inputs(spec))])
     with owned.lock():
-        table = _evaluate(store, qa, split, ks, reward_spec, policies, methods, device,
-                          reference_features, reference_cache_gb, present)
-        write_evaluation(table, owned.path, split)
+        table, about = _evaluate(store, qa, split, ks, specs, policies, methods, device,
+                                 reference_features, reference_cache_gb, present)
+        write_evaluation(table, owned.path, split, about)
     return table
 
 
 def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: str,
-              ks: Sequence[int], reward_spec: str, policies: Sequence[str],
+              ks: Sequence[int], specs: Sequence[str], policies: Sequence[str],
               methods: Sequence[str], device: str | None,
               reference_features: str | None, reference_cache_gb: float,
-              present: str | None = None) -> list[Row]:
+              present: str | None = None) -> tuple[list[Row], dict[str, Any]]:
+    """The table and what it was made with (judges and policies, by label and full id)."""
     corpus = load_corpus(store, qa, pick_device(device))
     rows = corpus.rows(split)
     if not rows:
@@ -472,13 +519,34 @@ def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: st
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; "
                         f"choose from {', '.join(BASELINES)}")
+    if IDEAL in specs and not any(IdealObserver.can_judge(corpus, q) for q in rows):
+        raise UserError(f"--judge ideal: none of the {len(rows)} {split!r} questions has an "
+                        "evidence span holding a candidate frame, which the ideal observer "
+                        "needs; judge with reader:PATH or lmm:MODEL")
     selectors: list[Selector] = [BASELINES[m]() for m in methods]
+    rewards: dict[str, str] = {}
+    learned = []
     for path, name in zip(policies, _policy_names(policies), strict=True):
         selectors.append(Learned(load_policy(path, corpus.device), name=name))
-    reward_model = RewardModel(reference(reward_spec, corpus, store_shards(store),
-                                         reference_features, cache_gb=reference_cache_gb,
-                                         present=present))
-    return evaluate(corpus, rows, selectors, tuple(ks), reward_model)
+        reward = policy_reward(path)
+        if reward:
+            rewards[name] = reward
+        learned.append({"method": name, "path": str(Path(path).resolve()), "reward": reward})
+    judges: list[Judge] = [
+        IdealObserver() if spec == IDEAL else ModelJudge(reference(
+            spec, corpus, store_shards(store), reference_features,
+            cache_gb=reference_cache_gb, present=present))
+        for spec in specs]
+    table = evaluate(corpus, rows, selectors, tuple(ks), judges, rewards=rewards)
+    names = labels([*(j.id for j in judges), *rewards.values()])
+    about = {
+        "judges": [{"label": names[j.id], "id": j.id, "spec": spec,
+                    "rule": IDEAL_RULE if spec == IDEAL else "the option with the highest "
+                    "logit of the model shown the chosen frames"}
+                   for spec, j in zip(specs, judges, strict=True)],
+        "policies": [{**p, "rewards_by": names.get(p["reward"] or "")} for p in learned],
+    }
+    return table, about
 
 
 def _policy_names(paths: Sequence[str]) -> list[str]:
@@ -493,45 +561,76 @@ def _policy_names(paths: Sequence[str]) -> list[str]:
     return [f"refocus:{i}" for i in range(len(paths))]
 
 
-def write_evaluation(table: list[Row], out: Path, split: str) -> None:
+def write_evaluation(table: list[Row], out: Path, split: str,
+                     about: dict[str, Any] | None = None) -> None:
+    """eval.csv (one row per method, k, kind and judge), eval.md (per kind: a column per
+    judge), eval.json (the rows with the judges' and policies' full identities), eval.png."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "eval.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
         writer.writeheader()
         for row in table:
             writer.writerow(row.as_dict())
-    (out / "eval.md").write_text(markdown_table(table, split))
+    (out / "eval.md").write_text(markdown_table(table, split, about))
+    write_json_atomic(out / "eval.json", {"split": split, **(about or {}),
+                                          "rows": [r.as_dict() for r in table]})
     plots.evaluation_chart(table, out / "eval.png")
 
 
-def markdown_table(table: list[Row], split: str) -> str:
-    """Accuracy (evidence recall) per method and budget, all questions, then per kind."""
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(table: list[Row], split: str, about: dict[str, Any] | None = None) -> str:
+    """Per question kind (all first): a row per budget and method with its rewards' model,
+    a column of accuracy per judge (a self-judged cell marked *) and the evidence recall; a
+    chance row per judge; with ``about``, the judges' and policies' full identities."""
     ks = sorted({r.k for r in table})
     methods = list(dict.fromkeys(r.method for r in table))
+    judges = list(dict.fromkeys(r.judge for r in table))
     categories = list(dict.fromkeys(r.category for r in table))
-    index = {(r.method, r.k, r.category): r for r in table}
+    index = {(r.method, r.k, r.category, r.judge): r for r in table}
     lines = []
     for category in categories:
-        n = next(r.questions for r in table if r.category == category)
-        lines.append(f"### {category} ({split}, {n} questions): accuracy % (evidence recall %)")
-        lines.append("")
-        lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |")
-        lines.append("|---|" + "---:|" * len(ks))
-        for method in methods:
-            cells = []
-            for k in ks:
-                r = index.get((method, k, category))
-                if r is None:
-                    cells.append("")
+        mine = [r for r in table if r.category == category]
+        n = mine[0].questions
+        lines += [f"### {category} ({split}, {n} questions): accuracy % by judge "
+                  "(evidence recall %)", "",
+                  "| method | rewards by | k | "
+                  + " | ".join(f"acc[judge={j}]" for j in judges) + " | evidence recall |",
+                  "|---|---|---:|" + "---:|" * (len(judges) + 1)]
+        for k in ks:
+            for method in methods:
+                cells = [index.get((method, k, category, j)) for j in judges]
+                present = [c for c in cells if c is not None]
+                if not present:
                     continue
-                recall = f" ({100 * r.evidence_recall:.1f})" if r.evidence_recall is not None \
-                    else ""
-                cells.append(f"{100 * r.accuracy:.1f}{recall}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+                accuracy = [_percent(c.accuracy) + (" *" if c.self_judged else "")
+                            if c else "–" for c in cells]
+                lines.append(f"| {method} | {present[0].rewards_by or '–'} | {k} | "
+                             + " | ".join(accuracy)
+                             + f" | {_percent(present[0].evidence_recall)} |")
+        chance = {r.judge: r.chance for r in mine}
+        lines.append("| chance | – | | " + " | ".join(_percent(chance.get(j)) for j in judges)
+                     + " | |")
         lines.append("")
+        if any(r.self_judged for r in mine):
+            lines += ["\\* self-judged: this judge is the model that gave the policy its "
+                      "rewards.", ""]
+        judged = {r.judge: r.judged for r in mine}
+        for j in judges:
+            if judged.get(j, n) < n:
+                lines += [f"{j} scores {judged[j]} of the {n} questions (those with an "
+                          "evidence span holding a candidate frame).", ""]
     unseen = next((r.spans_without_frames for r in table if r.category == ALL), 0)
     if unseen:
         lines.append(f"Note: {unseen} evidence span(s) of these questions hold no candidate "
                      "frame (no selector can hit them); they are left out of evidence recall.")
+        lines.append("")
+    if about:
+        lines += ["Judges:"] + [f"- {j['label']} = `{j['id']}` ({j['rule']})"
+                                for j in about.get("judges", [])]
+        lines += [f"- rewards of {p['method']}: `{p['reward'] or 'not recorded'}`"
+                  for p in about.get("policies", [])]
         lines.append("")
     return "\n".join(lines)

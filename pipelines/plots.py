@@ -53,21 +53,54 @@ def training_curves(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def evaluation_chart(table: list[Row], path: Path) -> Path:
-    """Accuracy and evidence recall per method (bars) and budget (groups), all questions."""
+    """All questions: one panel of accuracy per judge (bars per method, grouped by budget,
+    the judge's chance level dashed, self-judged bars hatched), then the evidence recall."""
     rows = [r for r in table if r.category == ALL]
     methods = list(dict.fromkeys(r.method for r in rows))
+    judges = list(dict.fromkeys(r.judge for r in rows))
     ks = sorted({r.k for r in rows})
-    index = {(r.method, r.k): r for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    index = {(r.method, r.k, r.judge): r for r in rows}
+    first = {r.method: r for r in rows}  # a row of each method (its rewards' label)
+    panels = [*judges, None]  # None: evidence recall
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.4),
+                             squeeze=False)
     width = 0.8 / max(1, len(methods))
-    for ax, metric in zip(axes, ("accuracy", "evidence_recall"), strict=True):
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, judge in zip(axes[0], panels, strict=True):
         for i, method in enumerate(methods):
-            values = [getattr(index[(method, k)], metric) or 0.0 for k in ks]
-            ax.bar([x + i * width for x in range(len(ks))], values, width, label=method)
+            cells = [index.get((method, k, judge)) if judge is not None else
+                     next((index[(method, k, j)] for j in judges if (method, k, j) in index),
+                          None) for k in ks]
+            values = [(c.evidence_recall if judge is None else c.accuracy) or 0.0
+                      if c else 0.0 for c in cells]
+            hatch = ["//" if judge is not None and c is not None and c.self_judged else ""
+                     for c in cells]
+            rewards = first[method].rewards_by
+            label = f"{method} (rewards: {rewards})" if rewards else method
+            bars = ax.bar([x + i * width for x in range(len(ks))], values, width,
+                          color=colours[i % len(colours)], label=label)
+            for bar, h in zip(bars, hatch, strict=True):
+                bar.set_hatch(h)
+        if judge is not None:
+            chance = next((r.chance for r in rows if r.judge == judge and r.chance), None)
+            if chance:
+                ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+            judged = next(r.judged for r in rows if r.judge == judge)
+            total = next(r.questions for r in rows if r.judge == judge)
+            note = "" if judged == total else f", {judged} of {total} questions"
+            ax.set(title=f"accuracy, judged by {judge}{note}")
+        else:
+            ax.set(title="evidence recall (no model)")
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(ks))],
                       [f"k={k}" for k in ks])
-        ax.set(title=metric.replace("_", " "), ylim=(0, 1))
-    axes[0].legend(fontsize=8, ncol=2)
+        ax.set(ylim=(0, 1))
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if any(r.self_judged for r in rows):
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//"))
+        names.append("self-judged (judge = reward model)")
+    axes[0][0].legend(handles, names, fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

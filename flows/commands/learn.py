@@ -38,10 +38,11 @@ PRESENT_HELP = ("with lmm:, how the model is shown the frames: video (its native
                 "fallback); default: as the family's model card feeds video (see README)")
 
 
-def _reward_options(p: argparse.ArgumentParser) -> None:
+def _reward_options(p: argparse.ArgumentParser, reward_help: str = REWARD_HELP,
+                    required: bool = True) -> None:
     from refocus.settings import REFERENCE_CACHE_GB
 
-    p.add_argument("--reward", required=True, metavar="SPEC", help=REWARD_HELP)
+    p.add_argument("--reward", required=required, metavar="SPEC", help=reward_help)
     p.add_argument("--reference-features", metavar="DIR",
                    help="with lmm:, the model's per-frame vision features from refocus "
                         "precompute-reference (default: computed from the frame shards)")
@@ -208,20 +209,29 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- eval
 
+JUDGE_HELP = ("a judge of the accuracy (repeat for several): ideal (the ideal observer, no "
+              "model: right exactly when the frames hit every evidence span, else a uniform "
+              "guess), reader:PATH or lmm:MODEL as for --reward")
+
+
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = add_command(
-        sub, "eval", "compare frame selectors: accuracy and evidence recall",
+        sub, "eval", "compare frame selectors: accuracy per judge and evidence recall",
         "Select k frames per question with each method — uniform, random, CLIP top-k, BOLT,\n"
-        "AKS-like and learned policies — and report the reference's accuracy from those\n"
-        "frames and the evidence recall, per budget and question kind.\n\n"
-        "example:\n"
+        "AKS-like and learned policies — and report each judge's accuracy from those\n"
+        "frames and the evidence recall, per budget and question kind. Tables and plots\n"
+        "name the model that gave each policy its rewards and mark self-judged cells.\n\n"
+        "examples:\n"
         "  refocus eval --store data/features --split test --k 4,8,16 \\\n"
-        "      --reward reader:runs/reader --policy runs/policy --out runs/eval",
+        "      --judge reader:runs/reader --judge ideal --policy runs/policy --out runs/eval\n"
+        "  refocus eval --store data/features --judge lmm:Qwen/Qwen2.5-VL-7B-Instruct \\\n"
+        "      --judge ideal --policy runs/policy-reader runs/policy-lmm --out runs/eval2",
     )
     _store_options(p)
     p.add_argument("--split", default="test")
     p.add_argument("--k", type=_ints, default=(4, 8, 16), metavar="K,K,...")
-    _reward_options(p)
+    p.add_argument("--judge", action="append", default=[], metavar="SPEC", help=JUDGE_HELP)
+    _reward_options(p, "a judge, as one --judge (kept for earlier commands)", required=False)
     p.add_argument("--policy", nargs="*", default=[], metavar="RUN",
                    help="learned policies (run folders or policy folders)")
     p.add_argument("--methods", nargs="*", default=None, metavar="NAME",
@@ -238,8 +248,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     methods = args.methods if args.methods is not None else list(BASELINES)
     table = evaluate_stage(args.store, args.qa, args.split, args.k, args.reward, args.policy,
                            methods, args.out, args.device, args.reference_features,
-                           args.reference_cache_gb, args.present)
+                           args.reference_cache_gb, args.present, judges=args.judge)
     console.out.print(markdown_table([r for r in table if r.category == "all"], args.split))
     if args.out:
-        console.out.print(f"per question kind: {args.out / 'eval.md'}; also eval.csv, eval.png")
+        console.out.print(f"per question kind: {args.out / 'eval.md'}; also eval.csv, eval.json "
+                          "(judges' full identities), eval.png")
     return EXIT_OK
