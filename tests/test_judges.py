@@ -212,36 +212,44 @@ def test_a_tiny_lmm_judges_beside_the_ideal_observer(synth_store, tmp_path, monk
     from pipelines.learn import evaluate_stage, load_corpus
     from refocus.lmm import Item, LMMScorer
     from refocus.lmm_reference import ShardFrames
+    from stores.shards import ShardSet
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = build_qwen2_vl(tmp_path / "tiny-vlm")
     # a few test questions only: the tiny model runs on CPU
     rows = [json.loads(line) for line in
             (synth_store / "shards" / "manifest.jsonl").read_text().splitlines() if line]
-    asked = [r for r in rows if r.get("split") == "test" and "qid" in r][:4]
+    asked = [r for r in rows if r.get("split") == "test" and "qid" in r][:8]
     qa = tmp_path / "few.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in
                           [r for r in rows if "qid" not in r] + asked))
-    table = evaluate_stage(synth_store / "features", [str(qa)], "test", [2], None,
+    ks = (1, 2, 3)
+    table = evaluate_stage(synth_store / "features", [str(qa)], "test", ks, None,
                            methods=["uniform"], device="cpu", present="images",
                            judges=["ideal", f"lmm:{model}"], out=tmp_path / "eval")
     accuracy = accuracy_by_judge(table)
-    assert set(accuracy) == {("uniform", 2, "ideal"), ("uniform", 2, "lmm:tiny-vlm")}
-    # the oracle: the scorer's own image path on the same frames, one question at a time
+    assert set(accuracy) == {("uniform", k, j) for k in ks for j in ("ideal", "lmm:tiny-vlm")}
+    # the oracle: the scorer's own image path (no vision cache) on the same frames and times
+    # (from the shards' metadata), one question at a time
     corpus = load_corpus(synth_store / "features", [str(qa)])
     scorer = LMMScorer.load(str(model), device="cpu", present="images")
     frames = ShardFrames(str(synth_store / "shards"), scorer)
-    right = []
+    shards = ShardSet(synth_store / "shards")
+    right = {k: [] for k in ks}
     for q in corpus.rows("test"):
         video = corpus.video_ids[int(corpus.video[q])]
-        images = frames.images(video)
-        chosen = [images[i] for i in uniform_indices(len(images), 2)]
-        logits = scorer.logits_from_images([Item(corpus.text[q], corpus.options_text[q],
-                                                 chosen)])[0]
-        right.append(int(torch.argmax(logits[:len(corpus.options_text[q])])) ==
-                     int(corpus.answer[q]))
-    assert len(right) == 4
-    assert accuracy[("uniform", 2, "lmm:tiny-vlm")] == pytest.approx(np.mean(right))
+        images, times = frames.images(video), shards.read(video).meta["timestamps"]
+        for k in ks:
+            chosen = uniform_indices(len(images), k)
+            logits = scorer.logits_from_images([Item(
+                corpus.text[q], corpus.options_text[q], [images[i] for i in chosen],
+                [times[i] for i in chosen])])[0]
+            right[k].append(int(torch.argmax(logits[:len(corpus.options_text[q])])) ==
+                            int(corpus.answer[q]))
+    assert 0 < sum(map(sum, right.values())) < 8 * len(ks)  # neither always right nor wrong
+    for k in ks:
+        assert len(right[k]) == 8
+        assert accuracy[("uniform", k, "lmm:tiny-vlm")] == pytest.approx(np.mean(right[k]))
     about = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert about["judges"][1]["label"] == "lmm:tiny-vlm"
     assert about["judges"][1]["id"].startswith(f"lmm:{model}:images:")
