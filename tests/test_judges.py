@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from flows.cli import EXIT_OK, EXIT_USAGE, main
+from pipelines.learn import markdown_table
 from refocus.data import Corpus
-from refocus.evaluation import IdealObserver, accuracy_by_judge, evaluate
+from refocus.evaluation import IdealObserver, accuracy_by_judge, evaluate, labels
 from refocus.selectors import uniform_indices
 from stores.features import Features, FeatureStore
 from stores.manifest import Question, read_manifest
@@ -86,6 +87,24 @@ def test_the_ideal_observer_matches_a_hand_computed_case():
     # the recall is the judge's rule counted per span: 1, 0, 1/2 (and 0 for the last question
     # has no span with a frame: left out)
     assert everything.evidence_recall == pytest.approx((1 + 0 + 1 / 2) / 3)
+    table = markdown_table(rows, "test")
+    assert "| fixed | – | 2 | 56.7 | 50.0 |" in table  # accuracy, recall (%)
+    assert "| chance | – | | 31.7 | |" in table
+    assert "ideal scores 3 of the 5 questions (those with an evidence span" in table
+
+
+def test_judge_labels_are_short_and_tell_apart_what_differs():
+    reader_a, reader_b = "reader:ab12" + "0" * 12, "reader:cd34" + "0" * 12
+    vlm = "lmm:/models/refocus-synth-vlm:video:" + "9" * 16
+    hub = "lmm:Qwen/Qwen2.5-VL-7B-Instruct:video:" + "8" * 16
+    assert labels([reader_a, vlm, hub, "ideal", reader_a]) == {
+        reader_a: "reader", vlm: "lmm:refocus-synth-vlm", hub: "lmm:Qwen2.5-VL-7B-Instruct",
+        "ideal": "ideal"}
+    assert labels([reader_a, reader_b]) == {reader_a: "reader:ab12", reader_b: "reader:cd34"}
+    shown_as_images = vlm.replace(":video:", ":images:")
+    both = labels([vlm, shown_as_images])
+    assert len(set(both.values())) == 2
+    assert all(v.startswith("lmm:refocus-synth-vlm:") for v in both.values())
 
 
 # ----------------------------------------------------------------------------- end to end
