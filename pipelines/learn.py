@@ -219,6 +219,9 @@ class RunSettings:
     reference_cache_gb: float = REFERENCE_CACHE_GB  # the LMM's frame features on its device
     present: str | None = None  # how the LMM is shown frames (None: its family's default)
     val_split: str = VAL_SPLIT  # the questions the best checkpoint is chosen on
+    # a reference spec (e.g. reader:PATH) scoring the steps the reward model does not
+    # (GRPOSettings.lmm_every); its identity goes into run.json on its own
+    surrogate: str | None = None
 
 
 TRAIN_VALIDATION_CAP = 256  # questions, when the best checkpoint is chosen on training ones
@@ -294,9 +297,13 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     rank reads the run folder (to resume); only rank 0 claims, locks and writes to it —
     run.json, metrics, checkpoints, policy folders, training.png, summary.json — and
     validates; the others return a summary without validation."""
+    if run.surrogate is None and settings.lmm_every != 1:
+        raise UserError(f"--lmm-every {settings.lmm_every} needs --surrogate SPEC: the model "
+                        "that scores the other steps (e.g. --surrogate reader:runs/reader)")
     env = DistEnv.from_environ()
     device = rank_device(env, run.device)
-    inputs = [store, *(qa or ()), run.reference_features, *reward_inputs(reward_spec)]
+    inputs = [store, *(qa or ()), run.reference_features, *reward_inputs(reward_spec),
+              *reward_inputs(run.surrogate or "")]
     with process_group(env, device), _run_folder(Path(out), inputs) as owned:
         return _train_policy(store, qa, reward_spec, owned, Path(out), settings, run, device,
                              on_start, on_step, stop_after)
@@ -335,10 +342,14 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     check_splits(corpus, store, qa, run.val_split)
     ref = reference(reward_spec, corpus, store_shards(store), run.reference_features,
                     run.reference_batch, run.reference_cache_gb, run.present)
+    surrogate = _surrogate(run.surrogate, corpus, store)
+    trained_against = {"reward": ref.id, **({"surrogate": surrogate.id,
+                                             "lmm_every": settings.lmm_every}
+                                            if surrogate else {})}
     identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
-                if qa else None, "reward": ref.id, "settings": settings.as_dict(),
-                "run": {k: v for k, v in asdict(run).items()
-                        if k not in ("device", "reference_batch", "reference_cache_gb")}}
+                if qa else None, **trained_against, "settings": settings.as_dict(),
+                "run": {k: v for k, v in asdict(run).items() if k not in (
+                    "device", "reference_batch", "reference_cache_gb", "surrogate")}}
     saved = checkpoints.load_checkpoint(out_dir)
     run_file = out_dir / "run.json"
     if run_file.exists() and saved is not None:
@@ -352,7 +363,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     reward_model = RewardModel(ref, cache)
     policy_config = PolicyConfig(dim=corpus.frame_embedding.shape[1], hidden=run.hidden,
                                  layers=run.layers)
-    trainer = GRPOTrainer(corpus, reward_model, settings, policy_config)
+    trainer = GRPOTrainer(corpus, reward_model, settings, policy_config, surrogate)
     metrics = checkpoints.MetricsLog(out_dir / "metrics.jsonl") if main else None
     best = {"score": -1.0, "step": 0, "validation": {}}
     best_weights = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
@@ -396,8 +407,12 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
         rows = [{"kind": "train", **{k: v for k, v in asdict(m).items() if k != "extra"}}]
         last = trainer.step_count == settings.steps
         if main and (trainer.step_count % run.eval_every == 0 or last):
+            judged = reward_model.judge_counts.copy()
             validation = trainer.validate(val_rows, budgets)  # no collective: rank 0 alone
-            rows.append({"kind": "val", "step": trainer.step_count, **validation})
+            judged = reward_model.judge_counts.minus(judged)
+            rows.append({"kind": "val", "step": trainer.step_count, **validation,
+                         "reward_subsets": judged.subsets, "reward_forwards": judged.forwards,
+                         "reward_seconds": judged.seconds})
             if _score(validation) > best["score"]:
                 best = {"score": _score(validation), "step": trainer.step_count,
                         "validation": validation}
@@ -424,11 +439,13 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
         "best": best, "filter": trainer.filter_stats, "reward": ref.id,
         "cache": {"entries": len(cache), "hits": cache.hits, "misses": cache.misses},
         "checkpoint_skipped": saved.skipped if saved else [],
+        **({"surrogate": surrogate.id, "lmm_every": settings.lmm_every} if surrogate else {}),
+        "reward_calls": reward_calls(list(metrics.rows())) if metrics else {},
     }
     if main and finished and (steps_this_call or any(not (out_dir / name).exists()
                                                      for name in FINAL_OUTPUTS)):
         owned.remove(COMPLETE)  # until every final output below is in place again
-        record = {"settings": settings.as_dict(), "reward": ref.id, **store_record(store)}
+        record = {"settings": settings.as_dict(), **trained_against, **store_record(store)}
         checkpoints.save_model(out_dir / "policy", "policy", policy_config.as_dict(),
                                best_weights, chosen="best validation", best=best, **record)
         checkpoints.save_model(out_dir / "policy-last", "policy", policy_config.as_dict(),
@@ -442,6 +459,44 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     if world > 1:  # no rank leaves (and re-reads the run) before rank 0 has written it
         dist.barrier()
     return summary
+
+
+def _surrogate(spec: str | None, corpus: Corpus, store: str | os.PathLike[str],
+               ) -> RewardModel | None:
+    """The surrogate's reward model (no cache: it is cheap, and its margins are not the
+    truth the reward model's cache keeps)."""
+    if spec is None:
+        return None
+    try:
+        return RewardModel(reference(spec, corpus, store_shards(store)))
+    except UserError as e:
+        raise UserError(str(e).replace("--reward", "--surrogate", 1)) from None
+
+
+TRAIN_COUNTS = ("reward_subsets", "reward_forwards", "surrogate_subsets", "cache_hits",
+                "reward_seconds")
+
+
+def reward_calls(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the reward model (and the surrogate) were asked over the whole run, summed from
+    the run's metrics rows (one per step, one per validation; so a resumed run counts what
+    an uninterrupted one would): on training steps, in validation, and in all."""
+    train = [r for r in rows if r.get("kind") == "train"]
+    val = [r for r in rows if r.get("kind") == "val"]
+    total = lambda part, key: sum(r.get(key, 0) for r in part)  # noqa: E731
+    out: dict[str, Any] = {
+        "train": {key: round(total(train, key), 3) if key.endswith("seconds")
+                  else total(train, key) for key in TRAIN_COUNTS},
+        "validation": {key: round(total(val, key), 3) if key.endswith("seconds")
+                       else total(val, key)
+                       for key in ("reward_subsets", "reward_forwards", "reward_seconds")},
+    }
+    out["train"]["steps_on_reward"] = sum(r.get("reward_from", "reward") == "reward"
+                                          for r in train)
+    out["train"]["steps_on_surrogate"] = len(train) - out["train"]["steps_on_reward"]
+    for key in ("reward_subsets", "reward_forwards"):
+        out[key] = out["train"][key] + out["validation"][key]
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -127,6 +127,7 @@ class LMMScorer:
                             "the vision cache needs the version constraints.txt pins")
         self.model, self.processor, self.name = model.eval(), processor, name
         self.batch_size = batch_size
+        self.forwards = 0  # language-model forwards run (batches scored), a plain tally
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # the answer position is the last one
         if self.tokenizer.pad_token_id is None:
@@ -489,6 +490,7 @@ class LMMScorer:
                                   or self.model.dtype == torch.bfloat16)
         with autocast:
             logits = self.model(**inputs, use_cache=False).logits
+        self.forwards += 1
         return logits[:, -1].float().cpu()
 
 

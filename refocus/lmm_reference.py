@@ -322,6 +322,11 @@ class LMMReference:
         self.scorer, self.source = scorer, source
         self.id = scorer_identity(scorer)
 
+    @property
+    def forwards(self) -> int:
+        """The scorer's language-model forwards so far (``RewardModel`` counts the delta)."""
+        return self.scorer.forwards
+
     @torch.no_grad()
     def logits(self, corpus: Corpus, questions: torch.Tensor, picks: torch.Tensor,
                valid: torch.Tensor) -> torch.Tensor:

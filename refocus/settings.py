@@ -43,6 +43,9 @@ class GRPOSettings:
     seed: int = 0
     filter_threshold: float | None = None  # keep questions whose window rewards vary more
     filter_windows: int = 4
+    # with a surrogate (refocus train --surrogate): the reward model scores every n-th step,
+    # the surrogate the others (1: the reward model every step, as without a surrogate)
+    lmm_every: int = 1
 
     def __post_init__(self) -> None:
         if self.curriculum not in ("cumulative", "stages"):
@@ -54,6 +57,9 @@ class GRPOSettings:
             raise ValueError(f"group (--group) must be at least 2: the advantage compares the "
                              f"subsets sampled for a question, and one alone learns nothing "
                              f"(got {self.group})")
+        if self.lmm_every < 1:
+            raise ValueError(f"lmm_every (--lmm-every) must be at least 1: the reward model "
+                             f"scores every n-th step (got {self.lmm_every})")
         if not self.temperature > 0:
             raise ValueError(f"temperature (--temperature) must be above 0: the policy samples "
                              f"from logits divided by it (got {self.temperature})")

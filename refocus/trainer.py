@@ -10,6 +10,15 @@ keeps the policy good at small budgets — with the paper's plain stages, accura
 while the later stages trained k = 8 and 16. AdamW with warm-up and cosine decay, gradient
 clipping, autocast on CUDA.
 
+With a **surrogate** (``surrogate=``, a cheap reference such as a reader distilled on the
+reward model's margins) and ``settings.lmm_every = n``, the reward model (e.g. the LMM) scores
+every n-th step (steps 0, n, 2n, …) and fills its cache; on the other steps the surrogate
+scores, except that every subset already in the reward model's cache takes the cached value
+(free, and the truth). Whole steps, not a share of the groups of each step: each LMM step
+then sends a full batch of subsets to the LMM (its forwards stay batched), and with n = 1
+training is exactly training on the reward model alone. Each step's metrics say which model
+scored it and how many subsets each was sent (``RewardModel`` counts them).
+
 The trainer holds no files: ``state()`` returns tensors and JSON-able values that restore it
 exactly (weights, optimizer, step, random generators), and the caller writes them.
 
@@ -39,7 +48,7 @@ import torch.distributed as dist
 
 from refocus.data import Corpus
 from refocus.policy import FrameSelector, PolicyConfig
-from refocus.rewards import RewardModel, pad_subsets
+from refocus.rewards import RewardCounts, RewardModel, pad_subsets
 from refocus.selectors import Learned, uniform_indices
 from refocus.settings import GRPOSettings
 
@@ -59,6 +68,10 @@ class StepMetrics:
     reward_seconds: float = 0.0  # the reference (cache misses only)
     update_seconds: float = 0.0  # teacher-forced pass, backward, optimizer
     cache_hits: int = 0
+    reward_from: str = "reward"  # which model scored the step: "reward" or "surrogate"
+    reward_subsets: int = 0  # subsets the reward model scored (its cache misses)
+    reward_forwards: int = 0  # the reward model's forwards (batches)
+    surrogate_subsets: int = 0  # subsets the surrogate scored
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,6 +88,9 @@ class Rollout:
     sample_seconds: float = 0.0
     reward_seconds: float = 0.0
     cache_hits: int = 0
+    reward_from: str = "reward"
+    reward_counts: RewardCounts = field(default_factory=RewardCounts)  # this step's
+    surrogate_counts: RewardCounts = field(default_factory=RewardCounts)
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -153,10 +169,18 @@ def window_filter(corpus: Corpus, questions: list[int], reward_model: RewardMode
 
 class GRPOTrainer:
     def __init__(self, corpus: Corpus, reward_model: RewardModel, settings: GRPOSettings,
-                 policy_config: PolicyConfig | None = None) -> None:
+                 policy_config: PolicyConfig | None = None,
+                 surrogate: RewardModel | None = None) -> None:
         self.corpus = corpus
         self.reward_model = reward_model
+        self.surrogate = surrogate
         self.settings = s = settings
+        if surrogate is not None and reward_model.cache is None:
+            raise ValueError("a surrogate needs the reward model's cache (its subsets are "
+                             "reused on the surrogate's steps)")
+        if surrogate is None and s.lmm_every != 1:
+            raise ValueError(f"lmm_every {s.lmm_every} without a surrogate: the reward model "
+                             "would score every step anyway")
         self.rank, self.world = rank_and_world()
         if s.questions_per_step % self.world:
             raise ValueError(f"questions_per_step ({s.questions_per_step}) must split evenly "
@@ -198,6 +222,14 @@ class GRPOTrainer:
             return budgets[-1]
         return int(self.rng.choice(budgets))
 
+    def reward_from(self, step: int | None = None) -> str:
+        """Which model scores a step: the reward model every ``lmm_every``-th step (and
+        always without a surrogate), else the surrogate."""
+        step = self.step_count if step is None else step
+        if self.surrogate is None or step % self.settings.lmm_every == 0:
+            return "reward"
+        return "surrogate"
+
     def learning_rate(self, step: int) -> float:
         s = self.settings
         warm = min(1.0, (step + 1) / max(1, s.warmup))
@@ -219,12 +251,20 @@ class GRPOTrainer:
             dist.all_reduce(stats)
             stats /= self.world
         reward, reward_std, advantage_abs, entropy_mean, loss_value = stats.tolist()
+        counts = [rollout.cache_hits, rollout.reward_counts.subsets,
+                  rollout.reward_counts.forwards, rollout.surrogate_counts.subsets]
+        if self.world > 1:  # the whole batch's counts
+            summed = torch.tensor(counts, dtype=torch.long, device=self.corpus.device)
+            dist.all_reduce(summed)
+            counts = summed.tolist()
+        hits, reward_subsets, reward_forwards, surrogate_subsets = counts
         return StepMetrics(
             step=self.step_count, budget=rollout.budget, reward=reward, reward_std=reward_std,
             advantage_abs=advantage_abs, entropy=entropy_mean, loss=loss_value, lr=lr,
             seconds=done - started, sample_seconds=rollout.sample_seconds,
             reward_seconds=rollout.reward_seconds, update_seconds=done - rewarded,
-            cache_hits=rollout.cache_hits)
+            cache_hits=hits, reward_from=rollout.reward_from, reward_subsets=reward_subsets,
+            reward_forwards=reward_forwards, surrogate_subsets=surrogate_subsets)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16,
@@ -250,17 +290,23 @@ class GRPOTrainer:
         rows = questions.repeat_interleave(s.group)
         sampled = time.perf_counter()
 
-        # 2. rewards from the reference, advantages within each group
-        cache = self.reward_model.cache
-        hits_before = cache.hits if cache else 0
-        rewards = self.reward_model.rewards(corpus, rows, sample.picks, sample.mask)
+        # 2. rewards from the reference (or the surrogate, on its steps), advantages within
+        # each group
+        source = self.reward_from()
+        surrogate = self.surrogate if source == "surrogate" else None
+        before = self.reward_model.counts.copy()
+        surrogate_before = surrogate.counts.copy() if surrogate else RewardCounts()
+        rewards = self.reward_model.rewards(corpus, rows, sample.picks, sample.mask, surrogate)
         grouped = rewards.view(-1, s.group)
         advantage = (grouped - grouped.mean(1, keepdim=True)) / (
             grouped.std(1, keepdim=True, unbiased=False) + 1e-6)
+        counts = self.reward_model.counts.minus(before)
         return Rollout(k, questions, sample.picks, sample.mask, rewards, advantage.flatten(),
                        sample_seconds=sampled - started,
                        reward_seconds=time.perf_counter() - sampled,
-                       cache_hits=(cache.hits - hits_before) if cache else 0)
+                       cache_hits=counts.hits, reward_from=source, reward_counts=counts,
+                       surrogate_counts=surrogate.counts.minus(surrogate_before)
+                       if surrogate else RewardCounts())
 
     def update(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """3. Teacher-forced log-probabilities of the rollout's subsets, the policy-gradient

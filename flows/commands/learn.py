@@ -21,6 +21,14 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _int(text: str) -> int:
+    """Any integer; its range is checked with the settings (one line, exit 2)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
 def _store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, type=Path, metavar="DIR",
                    help="feature folder (refocus embed --out)")
@@ -118,13 +126,24 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "  refocus precompute-reference --model Qwen/Qwen2.5-VL-7B-Instruct \\\n"
         "      --shards data/shards --out data/reference\n"
         "  refocus train --store data/features --reward lmm:Qwen/Qwen2.5-VL-7B-Instruct \\\n"
-        "      --reference-features data/reference --out runs/p-lmm",
+        "      --reference-features data/reference --out runs/p-lmm\n"
+        "  refocus train --store data/features --reward lmm:Qwen/Qwen2.5-VL-7B-Instruct \\\n"
+        "      --surrogate reader:runs/reader-distilled --lmm-every 4 --out runs/p-online",
     )
     _store_options(p)
     _reward_options(p)
     p.add_argument("--reference-batch", type=positive_int, default=8, metavar="B",
                    help="(question, subset) pairs per LMM forward; halves itself on GPU "
                         "out-of-memory")
+    p.add_argument("--surrogate", metavar="SPEC",
+                   help="a cheap reference (e.g. reader:PATH, a reader distilled on the reward "
+                        "model's margins) that scores the steps the reward model does not; "
+                        "subsets the reward model has scored keep its value (needs --lmm-every)")
+    p.add_argument("--lmm-every", type=_int, default=None, metavar="N",
+                   help="with --surrogate: the reward model scores every N-th step (filling "
+                        "its cache), the surrogate the others; validation (best step) is "
+                        "judged by the reward model, and every call is counted in "
+                        "metrics.jsonl and summary.json (reward_calls)")
     p.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder")
     p.add_argument("--steps", type=positive_int, default=d.steps)
     p.add_argument("--group", type=positive_int, default=d.group,
@@ -160,12 +179,18 @@ def _run_train(args: argparse.Namespace) -> int:
     from refocus.settings import GRPOSettings
     from refocus.trainer import DistEnv
 
+    if (args.lmm_every is None) != (args.surrogate is None):
+        given, missing = ("--lmm-every", "--surrogate SPEC") if args.surrogate is None else (
+            "--surrogate", "--lmm-every N")
+        raise UserError(f"train: {given} needs {missing} (the surrogate scores the steps "
+                        "the reward model does not, every N-th step is the reward model's)")
     try:
         settings = GRPOSettings(
             steps=args.steps, questions_per_step=args.questions_per_step, group=args.group,
             budgets=args.budgets, curriculum=args.curriculum, lr=args.lr,
             entropy_coef=args.entropy, temperature=args.temperature, seed=args.seed,
-            filter_threshold=args.filter)
+            filter_threshold=args.filter,
+            lmm_every=args.lmm_every if args.lmm_every is not None else 1)
     except ValueError as e:  # a setting out of range: one line, as for any bad input
         raise UserError(f"train: {e}") from None
     run = RunSettings(eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
@@ -173,7 +198,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       reference_features=args.reference_features,
                       reference_batch=args.reference_batch,
                       reference_cache_gb=args.reference_cache_gb, val_split=args.val_split,
-                      present=args.present)
+                      present=args.present, surrogate=args.surrogate)
     env = DistEnv.from_environ()
     if settings.questions_per_step % env.world_size:
         raise UserError(f"--questions-per-step {settings.questions_per_step} must divide evenly "
@@ -203,6 +228,12 @@ def _run_train(args: argparse.Namespace) -> int:
         out.print(f"  data filter kept {f['after']} of {f['before']} questions")
     validation = ", ".join(f"{k} {100 * v:.1f} %" for k, v in best["validation"].items())
     out.print(f"  best validation at step {best['step']}: {validation}")
+    calls = summary.get("reward_calls") or {}
+    if calls:
+        surrogate = (f"; surrogate {calls['train']['surrogate_subsets']} subsets"
+                     if "surrogate" in summary else "")
+        out.print(f"  reward model asked {calls['reward_subsets']} subsets in "
+                  f"{calls['reward_forwards']} forwards (validation included){surrogate}")
     out.print(f"  policy {Path(args.out) / 'policy'}, curves {Path(args.out) / 'training.png'}")
     return EXIT_OK
 
