@@ -150,9 +150,11 @@ class GenericReader(nn.Module):
     Frame tokens: the frame's embedding and a sine/cosine code of its time, projected; a
     learned "no frame" token is always present (an empty subset still reads). Query tokens:
     the question (its text alone and with its options), and one per option (its embedding, the
-    question's, and its place in the list — an LMM reads options by letter, and may favour
-    some). The queries attend over the frames, then over each other (options compared), and
-    an MLP reads each option's logit from its token."""
+    question's, its place in the list — an LMM reads options by letter, and may favour some —
+    and how well its text matches the chosen frames: the best and the mean cosine of the
+    shared text-image embedding, the one signal every corpus has). The queries attend over
+    the frames, then over each other (options compared), and an MLP reads each option's logit
+    from its token."""
 
     def __init__(self, config: ReaderConfig) -> None:
         super().__init__()
@@ -163,6 +165,7 @@ class GenericReader(nn.Module):
         self.question_in = nn.Linear(2 * c.dim, h)
         self.option_in = nn.Linear(c.dim, h)
         self.position = nn.Embedding(max(1, c.max_options), h)
+        self.match_in = nn.Linear(2, h)
         self.read_frames = nn.MultiheadAttention(h, c.heads, batch_first=True)
         self.norm_frames = nn.LayerNorm(h)
         self.mix = nn.TransformerEncoderLayer(h, c.heads, 2 * h, dropout=0.0, batch_first=True,
@@ -185,7 +188,14 @@ class GenericReader(nn.Module):
         q = self.question_in(torch.cat([F.normalize(question.float(), dim=-1),
                                         F.normalize(question_text.float(), dim=-1)], dim=-1))
         place = torch.arange(n_options, device=f.device).clamp(max=self.config.max_options - 1)
-        o = self.option_in(F.normalize(options.float(), dim=-1)) + self.position(place)[None]
+        unit = F.normalize(options.float(), dim=-1)
+        cos = F.normalize(frames.float(), dim=-1) @ unit.transpose(1, 2)  # [B, k, O]
+        count = frame_valid.float().sum(1)[:, None].clamp_min(1)
+        best = cos.masked_fill(~frame_valid[..., None], -1.0).max(dim=1).values
+        best = best.masked_fill(~frame_valid.any(1, keepdim=True), 0.0)
+        mean = (cos * frame_valid[..., None]).sum(1) / count
+        o = self.option_in(unit) + self.position(place)[None] + self.match_in(
+            torch.stack([best, mean], dim=-1) * 10)
         queries = torch.cat([q[:, None], o + q[:, None]], dim=1)  # [B, 1 + O, h]
         seen, _ = self.read_frames(queries, f, f, key_padding_mask=~present, need_weights=False)
         x = self.norm_frames(queries + seen)
