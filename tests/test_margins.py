@@ -126,3 +126,26 @@ def test_margins_of_another_model_are_refused_in_one_line(scored_folder, tiny_lm
     changed = [a if a != "4" else "5" for a in args]  # other subsets per question
     assert main(changed) == EXIT_USAGE
     assert "other settings" in capsys.readouterr().err
+
+
+def test_the_margins_flow_maps_chunks_and_writes_what_the_command_writes(
+        prefect_api, scored_folder, tiny_lmms, synth_store, tmp_path):
+    from flows.orchestrate import margins_flow
+    from pipelines.margins import ReferenceOptions
+    from refocus.settings import MarginSettings
+
+    out, qa, _ = scored_folder
+    flowed = tmp_path / "flowed"
+    settings = MarginSettings(subsets_per_question=4, budgets=(2, 3), questions_per_chunk=2)
+    summary = margins_flow(str(synth_store / "features"), str(flowed),
+                           f"lmm:{tiny_lmms['llava']}", settings, ReferenceOptions(device="cpu"),
+                           qa=[str(qa)])
+    assert summary["chunks_written"] == 3 and summary["failed"] == []
+    [record] = list((flowed / "flow-runs").glob("*-precompute-margins.json"))
+    run = json.loads(record.read_text())
+    assert run["status"] == "completed" and sorted(run["tasks"]) == [
+        "chunk-000000", "chunk-000001", "chunk-000002"]
+    a, b = MarginStore(flowed).load(), MarginStore(out).load()
+    assert a.qid.tolist() == b.qid.tolist()
+    np.testing.assert_array_equal(a.frames, b.frames)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
