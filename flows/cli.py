@@ -30,6 +30,7 @@ from flows.commands import (
     learn,
     lmm_budget,
     manifests,
+    margins,
     reference,
     score,
     synth,
@@ -48,7 +49,8 @@ from stores.errors import UserError
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     ingest.add, manifests.add_import, manifests.add_validate, features.add_embed,
     features.add_search, synth.add_synth, synth.add_train_encoder, learn.add_train_reader,
-    learn.add_train, learn.add_eval, reference.add_precompute_reference, score.add_score,
+    learn.add_train, learn.add_eval, reference.add_precompute_reference,
+    margins.add_precompute_margins, score.add_score,
     flow.add_flow, flow.add_serve, demo.add_demo, lmm_budget.add_lmm_budget,
 ]
 

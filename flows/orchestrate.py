@@ -12,6 +12,7 @@ skips finished shards and a killed flow resumes where it stopped.
     preprocess_flow  ingest_flow → embed_flow under one data root (ROOT/shards,
                      ROOT/features): the flow to schedule
     precompute_flow  the reference model's vision features per shard (GPU, one task)
+    margins_flow     the reference model's margins on frame subsets, one task per chunk
     train_flow       train the reader (when the reward is the reader) → train the policy
     evaluate_flow    the policy against the baselines
     score_flow       ingest_flow → embed_flow → select and write selections (+ export)
@@ -25,6 +26,7 @@ refused with one line before anything is written.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +59,7 @@ from pipelines.ingest import (
 from stores import importers
 from stores.index import IndexSettings
 from stores.manifest import Manifest, Video, merge, read_manifest
+from stores.margins import chunk_name
 from stores.owned import claim
 from stores.shards import MANIFEST_FILE, shard_name
 from stores.urls import NetworkSettings
@@ -243,6 +246,66 @@ def precompute_flow(shards: str, out: str, model: str, device: str | None = None
         o = Orchestration(retries=retries)
         record.summary = _precompute_task.with_options(**retry_options(o))(
             shards, out, model, device, frames_per_pass)
+    return record.summary
+
+
+_MARGIN_LOCK = threading.Lock()  # one chunk at a time per process: the model is shared
+
+
+@functools.lru_cache(maxsize=1)
+def _margin_reference(store: str, qa: tuple[str, ...] | None, spec: str,
+                      options: Any) -> tuple[Any, Any]:
+    """The corpus and the reference LMM, loaded once per worker process."""
+    from pipelines.learn import load_corpus, pick_device
+    from pipelines.margins import load_reference
+
+    corpus = load_corpus(store, list(qa) if qa else None, pick_device(options.device))
+    return corpus, load_reference(spec, corpus, store, options)
+
+
+@task(name="margins-chunk", cache_policy=NO_CACHE, task_run_name="margins {index:06d}")
+def margins_chunk_task(out: str, index: int, qids: list[str], store: str,
+                       qa: tuple[str, ...] | None, spec: str, settings: Any,
+                       options: Any) -> dict[str, Any]:
+    """One chunk of questions scored and written (at once when it is already done)."""
+    from pipelines.margins import margins_chunk
+
+    with _MARGIN_LOCK:
+        corpus, ref = _margin_reference(store, qa, spec, options)
+        return margins_chunk(out, index, qids, corpus, ref, settings)
+
+
+@flow(name="refocus-precompute-margins", validate_parameters=False)
+def margins_flow(store: str, out: str, spec: str, settings: Any = None, options: Any = None,
+                 qa: list[str] | None = None, retries: int = 1) -> dict[str, Any]:
+    """The reference LMM's margins on frame subsets, the chunks mapped over tasks (finished
+    chunks are skipped; a failed chunk is recorded and the others land)."""
+    from pipelines.margins import (
+        ReferenceOptions,
+        claim_margins,
+        finish_margins,
+        margin_inputs,
+        margins_job,
+    )
+    from refocus.settings import MarginSettings
+
+    settings, options = settings or MarginSettings(), options or ReferenceOptions()
+    inputs = margin_inputs(store, qa, spec, options)
+    claim_margins(out, inputs)
+    key = tuple(qa) if qa else None
+    with flow_record(out, "precompute-margins", {"store": store, "spec": spec,
+                                                 "settings": settings}) as record:
+        corpus, ref = _margin_reference(store, key, spec, options)
+        with margins_job(out, corpus, ref.id, settings, store, inputs) as job:
+            chunk = margins_chunk_task.with_options(**retry_options(Orchestration(
+                retries=retries)))
+            futures = chunk.map(unmapped(str(job.owned.path)), job.todo,
+                                [job.chunks[i] for i in job.todo], unmapped(store),
+                                unmapped(key), unmapped(spec), unmapped(settings),
+                                unmapped(options))
+            markers, failed, record.tasks = _states(list(futures),
+                                                    [chunk_name(i) for i in job.todo])
+            record.summary = finish_margins(job, markers, failed)
     return record.summary
 
 

@@ -31,7 +31,14 @@ from refocus.evaluation import (
     labels,
 )
 from refocus.policy import FrameSelector, PolicyConfig
-from refocus.reader import Reader, ReaderConfig, accuracy, train_reader
+from refocus.reader import (
+    AnyReader,
+    ReaderConfig,
+    accuracy,
+    build_reader,
+    default_config,
+    train_reader,
+)
 from refocus.rewards import ReaderReference, Reference, RewardCache, RewardModel
 from refocus.selectors import BASELINES, Learned, Selector, uniform_indices
 from refocus.settings import REFERENCE_CACHE_GB, VAL_SPLIT, GRPOSettings, ReaderTrainSettings
@@ -105,7 +112,7 @@ def reward_inputs(spec: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the reader
 
-def reader_report(reader: Reader, corpus: Corpus, split: str, ks: Sequence[int] = (4, 8, 16),
+def reader_report(reader: AnyReader, corpus: Corpus, split: str, ks: Sequence[int] = (4, 8, 16),
                   seed: int = 0) -> dict[str, float]:
     """Accuracy with all frames, with the evidence only (one frame per span), with k
     random and k uniformly spaced frames."""
@@ -127,42 +134,79 @@ def reader_report(reader: Reader, corpus: Corpus, split: str, ks: Sequence[int] 
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
 
 
+def reader_identity(store: str | os.PathLike[str], qa: Sequence[str] | None,
+                    settings: ReaderTrainSettings, architecture: str) -> dict[str, Any]:
+    """What a reader folder records of how its reader was trained (a re-run with the same
+    keeps it)."""
+    return {"settings": asdict(settings), "store": str(Path(store).resolve()),
+            "qa": [str(Path(q).resolve()) for q in qa] if qa else None,
+            "architecture": architecture}
+
+
+def kept_report(owned: Owned, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The report of the reader already in ``owned`` when it was trained as ``identity``
+    says (a reader saved before the architecture was recorded counts as ``hand``)."""
+    if not ((owned.path / checkpoints.CONFIG).is_file() and
+            (owned.path / checkpoints.WEIGHTS).is_file()):
+        return None
+    meta = json.loads((owned.path / checkpoints.CONFIG).read_text())
+    meta.setdefault("architecture", "hand")
+    if meta.get("kind") == "reader" and all(meta.get(k) == v for k, v in identity.items()):
+        return meta["report"]
+    return None
+
+
+def save_reader(owned: Owned, reader: AnyReader, store: str | os.PathLike[str],
+                identity: dict[str, Any], report: dict[str, Any]) -> None:
+    checkpoints.save_model(owned.path, "reader", reader.config.as_dict(), reader.state_dict(),
+                           **identity, report=report,
+                           encoder_sha256=FeatureStore(store).encoder.get("weights_sha256"))
+
+
 def train_reader_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                        out: str | os.PathLike[str], settings: ReaderTrainSettings,
                        device: str | None = None,
-                       log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+                       log: Callable[[dict], None] | None = None,
+                       architecture: str = "hand") -> dict[str, Any]:
     """Train a reader into ``out`` (a reader folder refocus owns) and return its report; a
     reader already there, trained with the same settings on the same store and questions, is
     kept and its report returned."""
     owned = claim(out, "reader", inputs=[store, *(qa or ())])
     with owned.lock():
-        identity = {"settings": asdict(settings), "store": str(Path(store).resolve()),
-                    "qa": [str(Path(q).resolve()) for q in qa] if qa else None}
-        if (owned.path / checkpoints.CONFIG).is_file() and \
-                (owned.path / checkpoints.WEIGHTS).is_file():
-            meta = json.loads((owned.path / checkpoints.CONFIG).read_text())
-            if meta.get("kind") == "reader" and all(meta.get(k) == v
-                                                    for k, v in identity.items()):
-                return meta["report"]
+        identity = reader_identity(store, qa, settings, architecture)
+        kept = kept_report(owned, identity)
+        if kept is not None:
+            return kept
         corpus = load_corpus(store, qa, pick_device(device))
         check_splits(corpus, store, qa)
         started = time.perf_counter()
-        reader = train_reader(corpus, settings, log=log)
+        reader = train_reader(corpus, settings, default_config(corpus, architecture), log=log)
         seconds = time.perf_counter() - started
         split = "val" if corpus.rows("val") else "train"
         report = {"split": split, **reader_report(reader, corpus, split),
                   "train_seconds": round(seconds, 1)}
-        checkpoints.save_model(owned.path, "reader", reader.config.as_dict(),
-                               reader.state_dict(), **identity, report=report,
-                               encoder_sha256=FeatureStore(store).encoder.get("weights_sha256"))
+        save_reader(owned, reader, store, identity, report)
     return report
 
 
-def load_reader(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Reader:
+def load_reader(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                ) -> AnyReader:
+    """A reader folder's reader, of the architecture its config names."""
     config, weights, _ = checkpoints.load_model(path, "reader")
-    reader = Reader(ReaderConfig(**config))
+    reader = build_reader(ReaderConfig(**config))
     reader.load_state_dict(weights)
     return reader.to(device).eval()
+
+
+def reader_reference_id(path: str | os.PathLike[str]) -> str:
+    """``reader:<weights digest>``, and for a distilled reader what it was distilled from
+    (so runs and policies trained against it say so)."""
+    from pipelines.encoder import file_sha256
+
+    digest = file_sha256(Path(path) / checkpoints.WEIGHTS)[:16]
+    _, _, meta = checkpoints.load_model(path, "reader")
+    source = meta.get("distilled_from")
+    return f"reader:{digest}" + (f" distilled from {source}" if source else "")
 
 
 def reference(spec: str, corpus: Corpus, shards: str | None = None,
@@ -174,11 +218,7 @@ def reference(spec: str, corpus: Corpus, shards: str | None = None,
     of their features kept on its device)."""
     kind, _, target = spec.partition(":")
     if kind == "reader" and target:
-        from pipelines.encoder import file_sha256
-
-        reader = load_reader(target, corpus.device)
-        digest = file_sha256(Path(target) / checkpoints.WEIGHTS)[:16]
-        return ReaderReference(reader, f"reader:{digest}")
+        return ReaderReference(load_reader(target, corpus.device), reader_reference_id(target))
     if kind == "lmm" and target:
         from refocus.lmm import LMMScorer
         from refocus.lmm_reference import LMMReference, ShardFrames, StoreFrames

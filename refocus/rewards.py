@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from refocus.data import Corpus
-from refocus.reader import Reader, margins, read
+from refocus.reader import AnyReader, margins, read
 
 
 class Reference(Protocol):
@@ -44,7 +44,7 @@ class Reference(Protocol):
 class ReaderReference:
     """The ``reader`` network over cached CLIP features."""
 
-    def __init__(self, reader: Reader, id: str) -> None:
+    def __init__(self, reader: AnyReader, id: str) -> None:
         self.reader = reader.eval()
         self.id = id
 

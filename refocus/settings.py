@@ -66,3 +66,38 @@ class GRPOSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class MarginSettings:
+    """Which frame subsets the reference LMM scores offline (refocus precompute-margins)."""
+
+    subsets_per_question: int = 16
+    budgets: tuple[int, ...] = (4, 8, 16)  # subset sizes, drawn among these
+    evidence_share: float = 0.5  # subsets holding a frame of every evidence span
+    splits: tuple[str, ...] = ("train", VAL_SPLIT)  # questions scored (val: held out)
+    questions_per_chunk: int = 32  # a chunk: one file, one done marker, one mapped task
+    batch: int = 64  # (question, subset) rows per call of the reference
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.subsets_per_question < 1 or self.questions_per_chunk < 1 or self.batch < 1:
+            raise ValueError("subsets per question, questions per chunk and batch must be "
+                             "positive")
+        if not self.budgets or min(self.budgets) < 1:
+            raise ValueError(f"budgets must be positive (got {self.budgets})")
+        if not 0 <= self.evidence_share <= 1:
+            raise ValueError(f"evidence share must be in 0..1 (got {self.evidence_share})")
+
+    def plan_dict(self) -> dict[str, Any]:
+        """What fixes the stored subsets (not how they are batched)."""
+        return {k: v for k, v in asdict(self).items() if k != "batch"}
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How the reader learns the LMM's outputs (refocus train-reader --distill)."""
+
+    temperature: float = 1.0  # both distributions softened by it
+    margin_weight: float = 0.1  # weight of the margin regression (smooth L1) beside the KL
+    held_out_share: float = 0.2  # of the scored questions, when none is in the val split

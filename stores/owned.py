@@ -44,6 +44,7 @@ MADE_NAMES = (
     "metrics.jsonl", "summary.json", "training.png", "complete.json", "videos.jsonl",
     "failures.jsonl", "selections.*", "frames", "frames-??????.tar", "exported-*",
     "q-*", LOCKS, "shard-??????", "???_*s.jpg", "selection.json",
+    "chunk-??????.npz", "chunk-??????.done.json", "meta.json", "margins",
 )
 
 

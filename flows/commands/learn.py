@@ -48,9 +48,14 @@ PRESENT_HELP = ("with lmm:, how the model is shown the frames: video (its native
 
 def _reward_options(p: argparse.ArgumentParser, reward_help: str = REWARD_HELP,
                     required: bool = True) -> None:
+    p.add_argument("--reward", required=required, metavar="SPEC", help=reward_help)
+    lmm_options(p)
+
+
+def lmm_options(p: argparse.ArgumentParser) -> None:
+    """How a reference LMM is run (--reference-features, --reference-cache-gb, --present)."""
     from refocus.settings import REFERENCE_CACHE_GB
 
-    p.add_argument("--reward", required=required, metavar="SPEC", help=reward_help)
     p.add_argument("--reference-features", metavar="DIR",
                    help="with lmm:, the model's per-frame vision features from refocus "
                         "precompute-reference (default: computed from the frame shards)")
@@ -72,9 +77,16 @@ def add_train_reader(sub: argparse._SubParsersAction) -> None:
         "Train the reader — a small network that answers the questions from a subset of a\n"
         "video's cached frame embeddings — on the corpus's train split, with random subsets\n"
         "of many sizes (half of them holding the evidence). Reports its accuracy on the\n"
-        "validation split with all frames, the evidence only, and k random/uniform frames.\n\n"
-        "example:\n"
-        "  refocus train-reader --store data/features --out runs/reader",
+        "validation split with all frames, the evidence only, and k random/uniform frames.\n"
+        "With --distill lmm:MODEL it learns that LMM's option distributions and margins on\n"
+        "stored frame subsets instead of the answers (refocus precompute-margins; computed\n"
+        "into OUT/margins unless --margins is given) and reports its margin error against\n"
+        "held-out LMM margins (the val split's) before and after.\n\n"
+        "examples:\n"
+        "  refocus train-reader --store data/features --out runs/reader\n"
+        "  refocus train-reader --store data/features --out runs/reader-vlm \\\n"
+        "      --distill lmm:Qwen/Qwen2.5-VL-7B-Instruct --architecture generic \\\n"
+        "      --margins data/margins",
     )
     _store_options(p)
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="reader folder")
@@ -82,6 +94,19 @@ def add_train_reader(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--lr", type=non_negative_float, default=d.lr)
     p.add_argument("--seed", type=non_negative_int, default=d.seed)
+    p.add_argument("--architecture", choices=("hand", "generic"), default=None,
+                   help="hand: features pooled by hand for the synthetic question kinds; "
+                        "generic: only frame features, their times and the text embeddings "
+                        "(default: hand, generic with --distill)")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill", metavar="lmm:MODEL",
+                   help="learn this LMM's outputs on stored frame subsets, not the answers")
+    g.add_argument("--margins", type=Path, metavar="DIR",
+                   help="the LMM's stored margins (refocus precompute-margins --out; default: "
+                        "computed into OUT/margins)")
+    from flows.commands.margins import add_margin_options
+
+    add_margin_options(g)
     p.set_defaults(run=_run_train_reader)
 
 
@@ -91,19 +116,35 @@ def _run_train_reader(args: argparse.Namespace) -> int:
 
     settings = ReaderTrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    seed=args.seed)
+    if args.distill is None and args.margins is not None:
+        raise UserError("--margins: only with --distill lmm:MODEL")
     with console.progress_bar("train-reader", "steps") as bar:
         task = bar.add_task("train-reader", total=settings.steps, detail="")
 
         def log(row: dict) -> None:
             bar.update(task, completed=row["step"], detail=f"loss {row['loss']:.3f}")
 
-        report = train_reader_stage(args.store, args.qa, args.out, settings, args.device, log)
+        if args.distill:
+            from flows.commands.margins import distill_from_args
+
+            report = distill_from_args(args, settings, log)
+        else:
+            report = train_reader_stage(args.store, args.qa, args.out, settings, args.device,
+                                        log, args.architecture or "hand")
     out = console.out
     console.headline("train-reader", f" → {args.out} ({report['train_seconds']} s)")
     out.print(f"  {report['split']} accuracy over {report['questions']} questions:")
     for key, value in report.items():
-        if key not in ("split", "questions", "train_seconds"):
+        if isinstance(value, float) and key != "train_seconds":
             out.print(f"    {key:<12} {100 * value:5.1f} %")
+    if "margin_error" in report:
+        e = report["margin_error"]
+        out.print(f"  against {report['distilled_from']} on {e['subsets']} held-out subsets "
+                  f"({e['held_out']}):")
+        for when in ("before", "after"):
+            m = e[when]
+            out.print(f"    {when:<7} margin error {m['margin_mae']:.3f}, same answer "
+                      f"{100 * m['agreement']:.1f} %")
     return EXIT_OK
 
 
