@@ -392,11 +392,10 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
                     "device", "reference_batch", "reference_cache_gb", "surrogate")}}
     saved = checkpoints.load_checkpoint(out_dir)
     run_file = out_dir / "run.json"
-    if run_file.exists() and saved is not None:
-        before = json.loads(run_file.read_text())
-        if before != json.loads(json.dumps(identity)):
-            raise UserError(f"{out_dir}: holds a run with other settings, store or reward "
-                            "(run.json); resume with the same options or choose another --out")
+    if run_file.exists() and saved is not None and not same_run(
+            json.loads(run_file.read_text()), identity):
+        raise UserError(f"{out_dir}: holds a run with other settings, store or reward "
+                        "(run.json); resume with the same options or choose another --out")
     if main:
         write_json_atomic(run_file, identity)
     cache = RewardCache(ref.id, saved.cache if saved else ())  # per rank; rank 0's is saved
@@ -499,6 +498,18 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     if world > 1:  # no rank leaves (and re-reads the run) before rank 0 has written it
         dist.barrier()
     return summary
+
+
+def same_run(before: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether a run folder's ``run.json`` (``before``) names this run; a GRPO setting added
+    to refocus since that run was written counts as its default there."""
+    now = json.loads(json.dumps(identity))
+    defaults = json.loads(json.dumps(GRPOSettings().as_dict()))
+    old = dict(before.get("settings") or {})
+    for key, value in now.get("settings", {}).items():
+        if key not in old and key in defaults and value == defaults[key]:
+            old[key] = value
+    return {**before, "settings": old} == now
 
 
 def _surrogate(spec: str | None, corpus: Corpus, store: str | os.PathLike[str],

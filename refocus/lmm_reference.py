@@ -42,7 +42,7 @@ class FrameSource(Protocol):
 def decode_jpeg(data: bytes, where: str = "frame") -> np.ndarray:
     """A stored frame as RGB pixels; one over the pixel cap is a one-line error naming
     ``where`` (rewards need every candidate frame, so none is skipped)."""
-    return np.asarray(decode_frame(data, where))
+    return np.array(decode_frame(data, where))  # writable: torch.from_numpy wants one
 
 
 def gigabytes(gb: float) -> int:

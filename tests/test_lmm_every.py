@@ -201,3 +201,21 @@ def test_the_stage_refuses_lmm_every_without_a_surrogate(tmp_path):
         train_policy_stage(tmp_path, None, "reader:x", tmp_path / "run",
                            GRPOSettings(lmm_every=2), RunSettings())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_written_before_a_setting_existed_still_resumes():
+    """run.json of a run written before ``lmm_every`` existed names the same run when the
+    new setting is at its default, and another run when it is not."""
+    from dataclasses import replace
+
+    from pipelines.learn import same_run
+    from refocus.settings import GRPOSettings
+
+    identity = {"store": "/s", "reward": "reader:ab", "settings": GRPOSettings().as_dict()}
+    old = {**identity, "settings": {k: v for k, v in identity["settings"].items()
+                                    if k != "lmm_every"}}
+    old = json.loads(json.dumps(old))
+    assert same_run(old, identity)
+    assert not same_run(old, {**identity, "settings": replace(GRPOSettings(),
+                                                               lmm_every=3).as_dict()})
+    assert not same_run(old, {**identity, "reward": "reader:cd"})
