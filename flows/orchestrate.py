@@ -349,26 +349,30 @@ def train_flow(store: str, out: str, reward: str = "reader", grpo: Any = None,
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def _evaluate_task(store: str, split: str, ks: list[int], reward: str, policies: list[str],
-                   out: str) -> list[dict[str, Any]]:
+def _evaluate_task(store: str, split: str, ks: list[int], reward: str | None,
+                   policies: list[str], out: str, judges: list[str]) -> list[dict[str, Any]]:
     from dataclasses import asdict
 
     from pipelines.learn import evaluate_stage
 
     return [asdict(r) for r in evaluate_stage(store, None, split, ks, reward, policies,
-                                              out=out)]
+                                              out=out, judges=judges)]
 
 
 @flow(name="refocus-evaluate", validate_parameters=False)
-def evaluate_flow(store: str, reward: str, policies: list[str], out: str, split: str = "test",
-                  ks: list[int] | None = None) -> list[dict[str, Any]]:
-    """The policies against the baselines: eval.md, eval.csv and eval.png under ``out``."""
+def evaluate_flow(store: str, reward: str | None, policies: list[str], out: str,
+                  split: str = "test", ks: list[int] | None = None,
+                  judges: list[str] | None = None) -> list[dict[str, Any]]:
+    """The policies against the baselines, judged by ``reward`` and every one of ``judges``
+    (``ideal``, reader:PATH, lmm:MODEL): eval.md, eval.csv, eval.json and eval.png under
+    ``out``."""
     from stores.owned import claim
 
     claim(out, "eval", inputs=[store, *policies])  # before the flow's logs land in it
-    with flow_record(out, "evaluate", {"store": store, "reward": reward,
+    with flow_record(out, "evaluate", {"store": store, "reward": reward, "judges": judges,
                                        "policies": policies, "split": split}) as record:
-        rows = _evaluate_task(store, split, list(ks or (4, 8, 16)), reward, list(policies), out)
+        rows = _evaluate_task(store, split, list(ks or (4, 8, 16)), reward, list(policies), out,
+                              list(judges or ()))
         record.summary = {"rows": len(rows)}
     return rows
 

@@ -260,10 +260,12 @@ def test_train_and_evaluate_flows_match_the_plain_stages(prefect_api, synth_stor
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), part
     reward = f"reader:{tmp_path / 'flow' / 'reader'}"
     policy = str(tmp_path / "flow" / "policy")
-    rows = evaluate_flow(store, reward, [policy], str(tmp_path / "eval"), "test", [4])
-    direct = evaluate_stage(store, None, "test", [4], reward, [policy])
-    assert [(r["method"], r["category"], r["accuracy"]) for r in rows] == [
-        (r.method, r.category, r.accuracy) for r in direct]
+    rows = evaluate_flow(store, reward, [policy], str(tmp_path / "eval"), "test", [4],
+                         judges=["ideal"])
+    direct = evaluate_stage(store, None, "test", [4], reward, [policy], judges=["ideal"])
+    assert [(r["method"], r["category"], r["judge"], r["accuracy"]) for r in rows] == [
+        (r.method, r.category, r.judge, r.accuracy) for r in direct]
+    assert {r["judge"] for r in rows} == {"reader", "ideal"}
     assert (tmp_path / "eval" / "eval.md").exists()
     records = sorted(p.name for p in (tmp_path / "flow" / "flow-runs").glob("*.json"))
     assert len(records) == 1 and records[0].endswith("-train.json")

@@ -112,7 +112,10 @@ def add_flow(sub: argparse._SubParsersAction) -> None:
     ev = add_command(flows, "evaluate", "the policies against the baselines",
                      "refocus eval as a flow.")
     ev.add_argument("--store", required=True, type=Path, metavar="DIR")
-    ev.add_argument("--reward", required=True, metavar="SPEC")
+    ev.add_argument("--reward", metavar="SPEC", help="a judge, as one --judge")
+    ev.add_argument("--judge", action="append", default=[], metavar="SPEC",
+                    help="a judge of the accuracy (repeat for several): ideal, reader:PATH or "
+                         "lmm:MODEL")
     ev.add_argument("--policy", nargs="*", default=[], metavar="RUN")
     ev.add_argument("--out", required=True, type=Path, metavar="DIR")
     ev.add_argument("--split", default="test")
@@ -235,8 +238,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     _prefect_environment()
     from flows.orchestrate import evaluate_flow
 
+    if not args.reward and not args.judge:
+        raise UserError("flow evaluate: name a judge (--judge ideal, --judge reader:PATH, "
+                        "--judge lmm:MODEL)")
     rows = evaluate_flow(str(args.store), args.reward, [str(p) for p in args.policy],
-                         str(args.out), args.split)
+                         str(args.out), args.split, judges=args.judge)
     console.headline("evaluate", f" done → {args.out / 'eval.md'} ({len(rows)} rows)")
     return EXIT_OK
 
