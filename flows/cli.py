@@ -33,6 +33,7 @@ from flows.commands import (
     reference,
     score,
     synth,
+    vlm,
 )
 from flows.options import (  # noqa: F401  (exit codes are part of this module's interface)
     EPILOG,
@@ -50,6 +51,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     features.add_search, synth.add_synth, synth.add_train_encoder, learn.add_train_reader,
     learn.add_train, learn.add_eval, reference.add_precompute_reference, score.add_score,
     flow.add_flow, flow.add_serve, demo.add_demo, lmm_budget.add_lmm_budget,
+    vlm.add_train_vlm,
 ]
 
 

@@ -1,0 +1,42 @@
+"""The settings of ``refocus train-vlm`` (torch-free, so ``refocus --help`` stays fast)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    hidden: int = 96
+    layers: int = 3
+    heads: int = 4
+    intermediate: int = 288
+    max_positions: int = 4096
+
+
+@dataclass(frozen=True)
+class VLMSettings:
+    """Everything ``refocus train-vlm`` decides."""
+
+    videos: int = 180  # synthetic videos of the training corpus
+    seed: int = 4242  # the corpus' seed (not the demo's 0) and the training draws'
+    steps: int = 500
+    minutes: float = 28.0  # stop early (and still finish) when training runs this long
+    batch_size: int = 32
+    micro_batch: int = 8  # examples per forward, sorted by length (less padding)
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    text: TextSettings = TextSettings()
+    pick_until: float = 0.2  # "Pick X." examples fade from half of a batch to a few by here
+    evidence_until: float = 0.3  # evidence frames only before this share of the steps
+    max_frames: int = 6  # of a random or evidence + random subset
+    eval_every: int = 50
+    eval_questions: int = 128  # validation questions measured during training
+    checkpoint_every: int = 50
+    workers: int = 2  # synth and ingest processes
+    threads: int = 2  # torch threads
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
