@@ -490,12 +490,11 @@ def save_state(owned: Any, model: Any, optimizer: torch.optim.Optimizer, step: i
     params = trainable(model)
     names = {id(p): n for n, p in params.items()}
     tensors = {f"model/{n}": p.data for n, p in params.items()}
-    adam_step = 0
-    for p, state in optimizer.state.items():
+    for p, state in optimizer.state.items():  # per parameter: one unused by a step lags
         name = names[id(p)]
         tensors[f"m/{name}"], tensors[f"v/{name}"] = state["exp_avg"], state["exp_avg_sq"]
-        adam_step = int(state["step"])
-    save_checkpoint(owned, tensors, {"step": step, "adam_step": adam_step, "seconds": seconds})
+        tensors[f"s/{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    save_checkpoint(owned, tensors, {"step": step, "seconds": seconds})
 
 
 def load_state(out: Path, model: Any, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
@@ -513,7 +512,7 @@ def load_state(out: Path, model: Any, optimizer: torch.optim.Optimizer) -> tuple
     for n, p in params.items():
         if f"m/{n}" in checkpoint.tensors:
             optimizer.state[p] = {
-                "step": torch.tensor(float(checkpoint.meta["adam_step"])),
+                "step": checkpoint.tensors[f"s/{n}"].reshape(()).clone(),
                 "exp_avg": checkpoint.tensors[f"m/{n}"].clone(),
                 "exp_avg_sq": checkpoint.tensors[f"v/{n}"].clone()}
     return int(checkpoint.meta["step"]), float(checkpoint.meta["seconds"])
@@ -528,7 +527,9 @@ def prepare(out: Path, s: VLMSettings, say: Callable[[str], None]) -> tuple[Path
     corpus, shards = out / "corpus", out / "shards"
     if not (corpus / "manifest.jsonl").is_file():
         say(f"synth: {s.videos} videos, seed {s.seed} …")
-        generate(corpus, SynthSettings(videos=s.videos, seed=s.seed, workers=s.workers))
+        length = {"duration": s.duration} if s.duration else {}
+        generate(corpus, SynthSettings(videos=s.videos, seed=s.seed, workers=s.workers,
+                                       **length))
     say("ingest (default settings: the frames the reward path reads) …")
     ingest(read_manifest(corpus / "manifest.jsonl"), shards, IngestSettings(workers=s.workers))
     return corpus / "manifest.jsonl", shards
@@ -604,8 +605,9 @@ def _train_vlm(owned: Any, s: VLMSettings, say: Callable[[str], None],
 # ----------------------------------------------------------------------------- measuring
 
 def measure(model_dir: str | os.PathLike[str], shards_dir: Path, manifest: Path,
-            split: str = "val", limit: int | None = None) -> dict[str, Any]:
-    """Accuracy per setting (``EVAL_MODES``) and per question kind on ``split``, through
+            split: str | None = "val", limit: int | None = None) -> dict[str, Any]:
+    """Accuracy per setting (``EVAL_MODES``) and per question kind on ``split`` (None: all
+    questions), through
     ``LMMScorer`` itself: the saved model and processor, the chat template, the vision cache
     (``vision`` over the shard frames, then ``logits_from_vision``) and the letter logits."""
     from refocus.lmm import Item, LMMScorer
@@ -617,7 +619,7 @@ def measure(model_dir: str | os.PathLike[str], shards_dir: Path, manifest: Path,
     shards = ShardSet(shards_dir)
     lookup = shards.lookup()
     questions = [q for q in read_manifest(manifest).questions
-                 if q.split == split and q.video_id in lookup][:limit]
+                 if split in (None, q.split) and q.video_id in lookup][:limit]
     right: dict[str, dict[str, list[int]]] = {m: {} for m in EVAL_MODES}
     for video_id in dict.fromkeys(q.video_id for q in questions):
         sample = shards.read(video_id, lookup[video_id])

@@ -20,6 +20,7 @@ class VLMSettings:
     """Everything ``refocus train-vlm`` decides."""
 
     videos: int = 180  # synthetic videos of the training corpus
+    duration: tuple[float, float] | None = None  # their length range (None: synth's default)
     seed: int = 4242  # the corpus' seed (not the demo's 0) and the training draws'
     steps: int = 500
     minutes: float = 28.0  # stop early (and still finish) when training runs this long
