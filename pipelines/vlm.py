@@ -59,6 +59,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Word-level pieces: a digit, a word, a punctuation mark (whitespace dropped).
+PIECES = r"\d|\w+|[^\w\s]"
 WARMUP_QUESTION = "Pick {}."  # text-only examples: the letter of the named option
 
 
@@ -101,14 +103,13 @@ def vocabulary_texts() -> list[str]:
 
 
 def build_tokenizer() -> Any:
-    """A word-level tokenizer over ``vocabulary_texts`` (digits one by one, punctuation apart),
-    plus the chat template's special tokens; every option letter is one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A word-level tokenizer over ``vocabulary_texts`` (digits one by one, punctuation
+    apart), plus the chat template's special tokens; every option letter is one token."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token=UNKNOWN))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECES), behavior="removed", invert=True)
     trainer = trainers.WordLevelTrainer(special_tokens=[*SPECIALS, UNKNOWN])
     tok.train_from_iterator(vocabulary_texts(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
@@ -214,6 +215,10 @@ def build_model(text: TextSettings = TextSettings(), seed: int = 0,
         tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, text.init_std)
     tower = clip_tower(encoder)
     own = model.model.vision_tower
     prefix = "" if "embeddings.class_embedding" in own.state_dict() else "vision_model."
@@ -352,9 +357,9 @@ def pick_example(ex: Example, rng: np.random.Generator) -> Example:
 
 def draw(ex: Example, frames: int, progress: float, s: VLMSettings,
          rng: np.random.Generator) -> tuple[Example, list[int]]:
-    """One training example at ``progress`` (0..1) of the run: (example, local frames)."""
-    pick = 0.5 - 0.45 * min(1.0, progress / s.pick_until) if s.pick_until > 0 else 0.05
-    if rng.random() < pick:
+    """One training example at ``progress`` (0..1) of the steps after the text-only ones:
+    (example, local frames)."""
+    if progress < 0 or rng.random() < s.pick_share:
         return pick_example(ex, rng), []
     evidence = evidence_frames(ex, rng)
     roll = rng.random() if progress >= s.evidence_until else 0.0
@@ -421,7 +426,7 @@ def batch_at(step: int, train: list[Example], cache: VisionCache, s: VLMSettings
     """The examples of ``step``: drawn from (seed, step) alone, so a resumed run draws what
     an uninterrupted one would."""
     rng = np.random.default_rng([s.seed, step])
-    progress = step / max(1, s.steps)
+    progress = (step - s.pick_steps) / max(1, s.steps - s.pick_steps)  # < 0: text only
     chosen = rng.choice(len(train), size=min(s.batch_size, len(train)), replace=False)
     return [draw(train[i], len(cache.times[train[i].video]), progress, s, rng) for i in chosen]
 
@@ -431,9 +436,11 @@ def accumulate(model: Any, batcher: Batcher, batch: list[tuple[Example, list[int
     """Backward the batch's mean answer loss in micro-batches of similar length (less
     padding); returns the loss."""
     ordered = sorted(batch, key=lambda pair: len(pair[1]))
+    text = sum(not frames for _, frames in ordered)  # text-only examples: one short chunk
+    chunks = [ordered[:text]] if text else []
+    chunks += [ordered[i:i + micro_batch] for i in range(text, len(ordered), micro_batch)]
     total = 0.0
-    for start in range(0, len(ordered), micro_batch):
-        chunk = ordered[start:start + micro_batch]
+    for chunk in chunks:
         loss = torch.nn.functional.cross_entropy(batcher.logits(model, chunk).float(),
                                                  batcher.answers(chunk), reduction="sum")
         (loss / len(ordered)).backward()

@@ -42,7 +42,7 @@ def fresh(tmp_path_factory) -> Path:
     from stores.manifest import read_manifest
 
     root = tmp_path_factory.mktemp("vlm-fresh")
-    generate(root / "corpus", SynthSettings(videos=6, seed=97, duration=(13.0, 16.0),
+    generate(root / "corpus", SynthSettings(videos=4, seed=97, duration=(13.0, 14.0),
                                             workers=2))
     ingest(read_manifest(root / "corpus" / "manifest.jsonl"), root / "shards",
            IngestSettings(workers=2))
@@ -138,10 +138,10 @@ def test_train_vlm_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, monk
 
     import pipelines.vlm as vlm
 
-    settings = VLMSettings(videos=6, seed=5, duration=(13.0, 14.0), steps=4, batch_size=4,
-                           micro_batch=2, text=TextSettings(hidden=32, layers=1, heads=2,
-                                                            intermediate=64),
-                           eval_every=2, checkpoint_every=2, eval_questions=4, threads=1)
+    tiny = TextSettings(hidden=32, layers=1, heads=2, intermediate=64)
+    settings = VLMSettings(videos=6, seed=5, duration=(13.0, 14.0), steps=4, pick_steps=2,
+                           batch_size=4, micro_batch=2, text=tiny, eval_every=2,
+                           checkpoint_every=2, eval_questions=4, threads=1)
     whole = train_vlm(tmp_path / "whole", settings, say=lambda line: None)
     assert whole["steps"] == 4 and (tmp_path / "whole" / "training.png").is_file()
     # the same prepared corpus, shards and vision cache; stopped after step 2's checkpoint
@@ -170,3 +170,26 @@ def test_train_vlm_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, monk
     steps = [r["step"] for r in map(json.loads, (tmp_path / "cut" / "metrics.jsonl")
                                     .read_text().splitlines()) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4] and resumed["steps"] == 4
+
+
+def test_precompute_reference_takes_the_bundled_name(fresh, tmp_path, monkeypatch):
+    """`refocus precompute-reference --model refocus-synth-vlm` loads the asset offline, as
+    it would a hub model, and the store records the name."""
+    from flows.cli import main
+    from refocus.lmm_reference import frame_from_rows
+    from stores.reference import ReferenceStore
+    from stores.shards import ShardSet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["precompute-reference", "--model", VLM_NAME, "--shards",
+                 str(fresh / "shards"), "--out", str(tmp_path / "ref"), "--device", "cpu"]) == 0
+    store = ReferenceStore(tmp_path / "ref")
+    identity = store.identity()
+    assert identity["model"] == VLM_NAME
+    assert identity["model_id"].startswith(f"lmm:{VLM_NAME}:images:")
+    video = sorted(ShardSet(fresh / "shards").lookup())[0]  # the one shard_frames reads
+    meta, rows = store.frames(video, [0, 1])
+    stored = [frame_from_rows(meta["frame_layout"], r) for r in rows]
+    computed = load_lmm(VLM_NAME, device="cpu").vision(shard_frames(fresh, 2))
+    for a, b in zip(stored, computed, strict=True):
+        assert torch.equal(a.tokens, b.tokens)
