@@ -34,6 +34,7 @@ from flows.commands import (
     reference,
     score,
     synth,
+    vlm,
 )
 from flows.options import (  # noqa: F401  (exit codes are part of this module's interface)
     EPILOG,
@@ -52,6 +53,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     learn.add_train, learn.add_eval, reference.add_precompute_reference,
     margins.add_precompute_margins, score.add_score,
     flow.add_flow, flow.add_serve, demo.add_demo, lmm_budget.add_lmm_budget,
+    vlm.add_train_vlm,
 ]
 
 

@@ -229,9 +229,9 @@ def with_runner(flow_obj: Any, o: Orchestration) -> Any:
 def _precompute_task(shards: str, out: str, model: str, device: str | None,
                      frames_per_pass: int) -> dict[str, Any]:
     from pipelines.reference import PrecomputeSettings, precompute_reference
-    from refocus.lmm import LMMScorer
+    from pipelines.vlm import load_lmm
 
-    scorer = LMMScorer.load(model, device=device)
+    scorer = load_lmm(model, device=device)
     return precompute_reference(shards, out, scorer, PrecomputeSettings(frames_per_pass))
 
 

@@ -220,11 +220,11 @@ def reference(spec: str, corpus: Corpus, shards: str | None = None,
     if kind == "reader" and target:
         return ReaderReference(load_reader(target, corpus.device), reader_reference_id(target))
     if kind == "lmm" and target:
-        from refocus.lmm import LMMScorer
+        from pipelines.vlm import load_lmm
         from refocus.lmm_reference import LMMReference, ShardFrames, StoreFrames
         from stores.reference import ReferenceStore
 
-        scorer = LMMScorer.load(target, batch_size=batch_size, present=present)
+        scorer = load_lmm(target, batch_size=batch_size, present=present)
         if reference_features:
             return LMMReference(scorer, StoreFrames(ReferenceStore(reference_features), scorer,
                                                     cache_gb))

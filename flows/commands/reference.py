@@ -41,13 +41,13 @@ def add_precompute_reference(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from pipelines.reference import PrecomputeSettings, claim_reference, precompute_reference
-    from refocus.lmm import LMMScorer
+    from pipelines.vlm import load_lmm
     from stores.shards import ShardSet
 
     shards = ShardSet(args.shards)
     total = sum(len(m["samples"]) for m in shards.markers())
     claim_reference(args.shards, args.out)  # a bad --out fails before the model loads
-    scorer = LMMScorer.load(args.model, device=args.device, present=args.present)
+    scorer = load_lmm(args.model, device=args.device, present=args.present)
     with console.progress_bar("precompute-reference", "videos") as bar:
         task = bar.add_task("precompute-reference", total=total, detail="")
 

@@ -1,0 +1,197 @@
+"""refocus-synth-vlm: the converted vision tower against open_clip, the processor against the
+encoder's preprocessing, the shipped asset loaded offline and scored through the cached path,
+its answers on a fresh corpus, and the train-vlm loop (resumed = uninterrupted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.encoder import SYNTH_ENCODER, load_encoder
+from pipelines.vlm import (
+    VLM_ASSET,
+    VLM_NAME,
+    VLMSettings,
+    build_tokenizer,
+    clip_tower,
+    load_lmm,
+    measure,
+    resolve_lmm,
+    train_vlm,
+)
+from pipelines.vlm_settings import TextSettings
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder(SYNTH_ENCODER, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Path:
+    """A tiny synthetic corpus of a seed neither the demo nor train-vlm uses, ingested with
+    the default settings: corpus/ and shards/."""
+    from pipelines.ingest import IngestSettings, ingest
+    from pipelines.synth import SynthSettings, generate
+    from stores.manifest import read_manifest
+
+    root = tmp_path_factory.mktemp("vlm-fresh")
+    generate(root / "corpus", SynthSettings(videos=4, seed=97, duration=(13.0, 14.0),
+                                            workers=2))
+    ingest(read_manifest(root / "corpus" / "manifest.jsonl"), root / "shards",
+           IngestSettings(workers=2))
+    return root
+
+
+def shard_frames(root: Path, count: int = 3) -> list[np.ndarray]:
+    from refocus.lmm_reference import decode_jpeg
+    from stores.shards import ShardSet
+
+    shards = ShardSet(root / "shards")
+    video = sorted(shards.lookup())[0]
+    sample = shards.read(video)
+    return [decode_jpeg(f) for f in sample.frames[:count]]
+
+
+def test_the_converted_tower_is_the_open_clip_encoder(encoder):
+    tower = clip_tower(encoder)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = encoder.model.encode_image(pixels)  # open_clip's own forward
+        ours = tower(pixel_values=pixels).image_embeds
+    assert ours.shape == theirs.shape == (3, encoder.dim)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_the_processor_prepares_frames_as_the_encoder_does(encoder, fresh):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(VLM_ASSET)
+    frames = shard_frames(fresh)
+    ours = processor.image_processor(images=frames, return_tensors="pt")["pixel_values"]
+    theirs = torch.stack([encoder.preprocess(Image.fromarray(f)) for f in frames])
+    assert ours.shape == theirs.shape == (3, 3, 64, 64)
+    # within one grey level of open_clip's PIL resize (transformers resizes in float)
+    step = 1.01 / 255 / min(processor.image_processor.image_std)
+    assert (ours - theirs).abs().max() <= step
+    with torch.no_grad():
+        a, b = encoder.model.encode_image(ours), encoder.model.encode_image(theirs)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+
+
+def test_every_option_letter_is_one_token_and_the_world_has_no_unknown_words():
+    from refocus.lmm import LETTERS, letter_token_ids
+
+    tokenizer = build_tokenizer()
+    assert [len(ids) for ids in letter_token_ids(tokenizer)] == [1] * len(LETTERS)
+    unknown = tokenizer.convert_tokens_to_ids("[UNK]")
+    text = "frame at 27.5 s: How many purple shapes appeared? What appeared right after the " \
+           "orange cross? Answer with the option's letter from the given choices directly."
+    assert unknown not in tokenizer.encode(text)
+
+
+def test_the_asset_loads_offline_by_name_and_by_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_lmm(VLM_NAME) == str(VLM_ASSET)
+    assert resolve_lmm("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+    by_name = load_lmm(VLM_NAME, device="cpu")
+    by_path = load_lmm(str(VLM_ASSET), device="cpu")
+    assert by_name.name == VLM_NAME and by_path.name == str(VLM_ASSET)
+    assert by_name.family.label == "LLaVA" and by_name.present == "images"
+    meta = json.loads((VLM_ASSET / "meta.json").read_text())
+    assert meta["validation"]["evidence"]["questions"] >= 100
+    assert sum(p.stat().st_size for p in VLM_ASSET.iterdir()) <= 30 * 2**20
+
+
+def test_the_asset_scores_through_the_cache_as_through_its_full_forward(fresh):
+    from refocus.lmm import Item
+
+    scorer = load_lmm(VLM_NAME, device="cpu")
+    frames = shard_frames(fresh, 4)
+    question, options = "What colour was the circle?", ["red", "green", "blue", "yellow"]
+    items = [Item(question, options, frames[:k], [0.5 * i for i in range(k)])
+             for k in (1, 2, 4)]
+    cached = scorer.logits_from_vision(
+        [Item(it.question, it.options, scorer.vision(list(it.frames)), it.times)
+         for it in items])
+    full = scorer.logits_from_images(items)
+    assert torch.isfinite(full).all()
+    assert torch.allclose(cached, full, atol=1e-4), (cached - full).abs().max()
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped asset is below target: it answers at "
+                   "chance from frames (val 0.36 with evidence, from count priors; meta.json)")
+def test_the_asset_answers_fresh_questions_from_their_evidence_frames(fresh):
+    scores = measure(VLM_ASSET, fresh / "shards", fresh / "corpus" / "manifest.jsonl",
+                     split=None)
+    evidence = scores["evidence"]
+    assert evidence["questions"] >= 20
+    assert evidence["accuracy"] >= 0.5  # chance is 0.25 (four options)
+
+
+def test_train_vlm_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import pipelines.vlm as vlm
+
+    tiny = TextSettings(hidden=32, layers=1, heads=2, intermediate=64)
+    settings = VLMSettings(videos=6, seed=5, duration=(13.0, 14.0), steps=4, pick_steps=2,
+                           batch_size=4, micro_batch=2, text=tiny, eval_every=2,
+                           checkpoint_every=2, eval_questions=4, threads=1)
+    whole = train_vlm(tmp_path / "whole", settings, say=lambda line: None)
+    assert whole["steps"] == 4 and (tmp_path / "whole" / "training.png").is_file()
+    # the same prepared corpus, shards and vision cache; stopped after step 2's checkpoint
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut", ignore=shutil.ignore_patterns(
+        "checkpoint*", "model", "metrics.jsonl", "report.json", "README.md", "training.png"))
+    real, calls = vlm.accumulate, []
+
+    def dies_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm, "accumulate", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_vlm(tmp_path / "cut", settings, say=lambda line: None)
+    monkeypatch.setattr(vlm, "accumulate", real)
+    said: list[str] = []
+    resumed = train_vlm(tmp_path / "cut", settings, say=said.append)
+    assert any("resumed at step 2" in line for line in said)
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "cut" / "metrics.jsonl")
+                                    .read_text().splitlines()) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4] and resumed["steps"] == 4
+
+
+def test_precompute_reference_takes_the_bundled_name(fresh, tmp_path, monkeypatch):
+    """`refocus precompute-reference --model refocus-synth-vlm` loads the asset offline, as
+    it would a hub model, and the store records the name."""
+    from flows.cli import main
+    from refocus.lmm_reference import frame_from_rows
+    from stores.reference import ReferenceStore
+    from stores.shards import ShardSet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["precompute-reference", "--model", VLM_NAME, "--shards",
+                 str(fresh / "shards"), "--out", str(tmp_path / "ref"), "--device", "cpu"]) == 0
+    store = ReferenceStore(tmp_path / "ref")
+    identity = store.identity()
+    assert identity["model"] == VLM_NAME
+    assert identity["model_id"].startswith(f"lmm:{VLM_NAME}:images:")
+    video = sorted(ShardSet(fresh / "shards").lookup())[0]  # the one shard_frames reads
+    meta, rows = store.frames(video, [0, 1])
+    stored = [frame_from_rows(meta["frame_layout"], r) for r in rows]
+    computed = load_lmm(VLM_NAME, device="cpu").vision(shard_frames(fresh, 2))
+    for a, b in zip(stored, computed, strict=True):
+        assert torch.equal(a.tokens, b.tokens)
