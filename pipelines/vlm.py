@@ -486,6 +486,23 @@ def quick_accuracy(model: Any, batcher: Batcher, val: list[Example], cache: Visi
     return out
 
 
+@torch.no_grad()
+def standardise_projector(model: Any, cache: VisionCache, frames: int = 4096) -> None:
+    """Fold the tower features' per-dimension mean and std (over up to ``frames`` cached
+    frames, all tokens) into the projector's first layer: it then starts from standardised
+    inputs (more than half of a token's norm is a constant offset) while the model stays a
+    plain LLaVA (the projector has no normalisation of its own)."""
+    every = max(1, sum(len(f) for f in cache.features) // frames)
+    rows = torch.cat([f.reshape(-1, f.shape[-1]) for f in cache.features])
+    rows = rows.reshape(-1, cache.features[0].shape[1], rows.shape[-1])[::every]
+    rows = rows.reshape(-1, rows.shape[-1]).float()
+    mean, std = rows.mean(0), rows.std(0).clamp_min(1e-3)
+    first = model.model.multi_modal_projector.linear_1
+    weight = first.weight / std
+    first.bias -= weight @ mean
+    first.weight.copy_(weight)
+
+
 def trainable(model: Any) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -571,6 +588,7 @@ def _train_vlm(owned: Any, s: VLMSettings, say: Callable[[str], None],
         raise UserError(f"{out}: the corpus has no train or no val questions; use more "
                         "--videos")
     prep_seconds = time.perf_counter() - started
+    standardise_projector(model, cache)  # a resumed run then loads its trained weights
     scorer = LMMScorer(model, processor, VLM_NAME)
     batcher = Batcher(scorer, cache)
     params = trainable(model)

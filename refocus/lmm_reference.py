@@ -220,10 +220,10 @@ class StoreFrames(CachedFrames):
                  host_cache_gb: float = REFERENCE_HOST_CACHE_GB) -> None:
         identity = store.identity()
         if identity.get("model_id") != scorer_identity(scorer):
-            raise UserError(f"{store.directory}: features of {identity.get('model')!r} shown "
-                            f"as {identity.get('present', 'images')}, not of {scorer.name!r} "
-                            f"as {scorer.present}; precompute them for this model and "
-                            "presentation into another folder")
+            raise UserError(f"{store.directory}: features of {identity.get('model_id')!r}, "
+                            f"not of {scorer_identity(scorer)!r} (model, presentation and "
+                            "weights digest); precompute them for this model and presentation "
+                            "into another folder")
         super().__init__(scorer, cache_gb, host_cache_gb)
         self.store = store
 
