@@ -66,13 +66,16 @@ class DemoSettings:
     grpo: GRPOSettings = field(default_factory=GRPOSettings)  # the selector on reader rewards
     # the selectors on the VLM's rewards (alone, and online with the distilled reader)
     vlm_grpo: GRPOSettings = field(default_factory=lambda: GRPOSettings(
-        steps=120, questions_per_step=16, budgets=(4, 8)))
-    lmm_every: int = 4  # online: the VLM scores every 4th step, the distilled reader the rest
+        steps=48, questions_per_step=8, budgets=(4, 8)))
+    lmm_every: int = 4  # online: the VLM scores one step in 4, the distilled reader the rest
+    # the VLM's runs: subsets per forward, and validation (the VLM judging) at the end only
+    vlm_run: RunSettings = field(default_factory=lambda: RunSettings(
+        eval_every=48, reference_batch=32))
     margins: MarginSettings = field(default_factory=lambda: MarginSettings(
-        subsets_per_question=8, budgets=(4, 8)))
+        subsets_per_question=4, budgets=(4, 8)))
     distill: ReaderTrainSettings = field(default_factory=lambda: ReaderTrainSettings(
-        steps=1500))
-    ks: tuple[int, ...] = (4, 8, 16)
+        steps=800))
+    ks: tuple[int, ...] = (4, 8)  # every judge scores every budget: the VLM's cost grows with k
     timelines: int = 4  # test videos drawn in the timeline plot
     fresh_videos: int = 24  # a fresh set (another seed) scored by refocus score at the end
 
@@ -83,7 +86,7 @@ QUICK = DemoSettings(synth=SynthSettings(videos=16, workers=2),
                      grpo=GRPOSettings(steps=6, questions_per_step=8, group=4),
                      vlm_grpo=GRPOSettings(steps=4, questions_per_step=4, group=4,
                                            budgets=(4,)),
-                     lmm_every=2,
+                     lmm_every=2, vlm_run=RunSettings(eval_every=4, reference_batch=32),
                      margins=MarginSettings(subsets_per_question=4, budgets=(4,)),
                      distill=ReaderTrainSettings(steps=40), ks=(4, 8), timelines=2,
                      fresh_videos=4)
@@ -138,10 +141,11 @@ def _run_demo(root: Path, s: DemoSettings, say: Callable[[str], None]) -> dict[s
         features, None, reader_spec, paths["policy-reader"], s.grpo, RunSettings()))}
     stage("vlm-features", lambda: precompute_reference(paths["shards"], paths["vlm-features"],
                                                        load_lmm(VLM_NAME)))
-    on_vlm = RunSettings(reference_features=str(paths["vlm-features"]))
+    on_vlm = replace(s.vlm_run, reference_features=str(paths["vlm-features"]))
     distilled = stage("distill", lambda: distill_reader_stage(
         features, None, paths["distilled"], VLM, s.distill, margin_settings=s.margins,
-        options=ReferenceOptions(reference_features=str(paths["vlm-features"]))))
+        options=ReferenceOptions(reference_features=str(paths["vlm-features"]),
+                                 reference_batch=s.vlm_run.reference_batch)))
     policies["policy-vlm"] = stage("train (vlm)", lambda: train_policy_stage(
         features, None, VLM, paths["policy-vlm"], s.vlm_grpo, on_vlm))
     policies["policy-online"] = stage("train (online)", lambda: train_policy_stage(
@@ -150,7 +154,7 @@ def _run_demo(root: Path, s: DemoSettings, say: Callable[[str], None]) -> dict[s
     table = stage("eval", lambda: evaluate_stage(
         features, None, "test", s.ks, None, [str(paths[p]) for p in POLICIES],
         out=paths["eval"], judges=[reader_spec, VLM, IDEAL],
-        reference_features=str(paths["vlm-features"])))
+        reference_features=str(paths["vlm-features"]), reference_batch=s.vlm_run.reference_batch))
     fresh = stage("score", lambda: score_fresh(paths, s))
     return write_report(paths, s, stage.seconds, reader, distilled, policies, table, fresh)
 

@@ -591,7 +591,8 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
                    = None, device: str | None = None,
                    reference_features: str | None = None,
                    reference_cache_gb: float = REFERENCE_CACHE_GB,
-                   present: str | None = None, judges: Sequence[str] = ()) -> list[Row]:
+                   present: str | None = None, judges: Sequence[str] = (),
+                   reference_batch: int = 8) -> list[Row]:
     """Every selector at every budget on ``split``, scored by every judge (``reward_spec``,
     kept for earlier callers, is the first; ``judges``: more specs, ``ideal`` among them);
     with ``out`` (an evaluation folder refocus owns, locked while written), eval.csv,
@@ -600,12 +601,13 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
     specs = judge_specs(reward_spec, judges)
     if out is None:
         return _evaluate(store, qa, split, ks, specs, policies, methods, device,
-                         reference_features, reference_cache_gb, present)[0]
+                         reference_features, reference_cache_gb, present, reference_batch)[0]
     owned = claim(out, "eval", inputs=[store, *(qa or ()), *policies, reference_features,
                                       *(p for spec in specs for p in reward_inputs(spec))])
     with owned.lock():
         table, about = _evaluate(store, qa, split, ks, specs, policies, methods, device,
-                                 reference_features, reference_cache_gb, present)
+                                 reference_features, reference_cache_gb, present,
+                                 reference_batch)
         write_evaluation(table, owned.path, split, about)
     return table
 
@@ -614,7 +616,8 @@ def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: st
               ks: Sequence[int], specs: Sequence[str], policies: Sequence[str],
               methods: Sequence[str], device: str | None,
               reference_features: str | None, reference_cache_gb: float,
-              present: str | None = None) -> tuple[list[Row], dict[str, Any]]:
+              present: str | None = None, reference_batch: int = 8,
+              ) -> tuple[list[Row], dict[str, Any]]:
     """The table and what it was made with (judges and policies, by label and full id)."""
     corpus = load_corpus(store, qa, pick_device(device))
     rows = corpus.rows(split)
@@ -640,7 +643,7 @@ def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: st
         learned.append({"method": name, "path": str(Path(path).resolve()), "reward": reward})
     judges: list[Judge] = [
         IdealObserver() if spec == IDEAL else ModelJudge(reference(
-            spec, corpus, store_shards(store), reference_features,
+            spec, corpus, store_shards(store), reference_features, reference_batch,
             cache_gb=reference_cache_gb, present=present))
         for spec in specs]
     table = evaluate(corpus, rows, selectors, tuple(ks), judges, rewards=rewards)

@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,8 @@ class Example:
     kind: str
     video: int  # index into the vision cache
     spans: list[list[int]]  # per evidence span, the local frames inside it
+    # the video's events, (name, local frames showing it): single-frame grounding examples
+    events: list[tuple[str, list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -305,17 +307,46 @@ def examples_of(manifest_path: Path, cache: VisionCache) -> dict[str, list[Examp
     from stores.manifest import read_manifest
 
     index = {v: i for i, v in enumerate(cache.ids)}
+    manifest = read_manifest(manifest_path)
+    events = {index[v.id]: [(f"{e['colour']} {e['shape']}",
+                             frames_in(cache.times[index[v.id]], *e["span"]))
+                            for e in (v.meta or {}).get("events", [])]
+              for v in manifest.videos if v.id in index}
     out: dict[str, list[Example]] = {}
-    for q in read_manifest(manifest_path).questions:
+    for q in manifest.questions:
         if q.video_id not in index:
             continue  # a video that failed to ingest
         v = index[q.video_id]
-        times = np.asarray(cache.times[v])
-        spans = [np.flatnonzero((times >= a - 1e-6) & (times <= b + 1e-6)).tolist()
-                 for a, b in q.evidence]
+        spans = [frames_in(cache.times[v], a, b) for a, b in q.evidence]
         out.setdefault(q.split or "train", []).append(Example(
-            q.question, list(q.options), q.answer, q.category or "", v, spans))
+            q.question, list(q.options), q.answer, q.category or "", v, spans,
+            events.get(v, [])))
     return out
+
+
+def frames_in(times: Sequence[float], start: float, end: float) -> list[int]:
+    """The local frames whose time lies in [start, end]."""
+    t = np.asarray(times)
+    return np.flatnonzero((t >= start - 1e-6) & (t <= end + 1e-6)).tolist()
+
+
+GROUND_QUESTION = "Which shape appeared first?"  # asked of one frame showing one event
+
+
+def ground_example(ex: Example, rng: np.random.Generator) -> tuple[Example, list[int]] | None:
+    """One frame of one of the video's events and the question naming what it shows among
+    4 names: every such example says something about the frame (None: no event shown)."""
+    from pipelines.synth import COLOURS, SHAPES
+
+    shown = [(name, frames) for name, frames in ex.events if frames]
+    if not shown:
+        return None
+    name, frames = shown[int(rng.integers(len(shown)))]
+    others = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" != name]
+    options = [name, *(str(o) for o in rng.choice(others, size=3, replace=False))]
+    options = [options[i] for i in rng.permutation(len(options))]
+    return (Example(GROUND_QUESTION, options, options.index(name), "ground", ex.video,
+                    [frames]), [int(rng.choice(frames))])
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -361,6 +392,11 @@ def draw(ex: Example, frames: int, progress: float, s: VLMSettings,
     (example, local frames)."""
     if progress < 0 or rng.random() < s.pick_share:
         return pick_example(ex, rng), []
+    share = s.ground_share * max(0.2, 1 - progress / s.ground_until)
+    if rng.random() < share:
+        ground = ground_example(ex, rng)
+        if ground is not None:
+            return ground
     evidence = evidence_frames(ex, rng)
     roll = rng.random() if progress >= s.evidence_until else 0.0
     if evidence and roll < 0.4:

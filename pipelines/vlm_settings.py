@@ -34,6 +34,10 @@ class VLMSettings:
     pick_steps: int = 800  # text-only "Pick X." steps first (letters link to options)
     pick_share: float = 0.1  # of each later batch
     evidence_until: float = 0.3  # evidence frames only before this share of the later steps
+    # single-frame grounding examples ("which shape…" of one frame showing one event): this
+    # share of a batch at first, falling to a fifth of it by ground_until of the later steps
+    ground_share: float = 0.5
+    ground_until: float = 0.5
     max_frames: int = 6  # of a random or evidence + random subset
     eval_every: int = 100
     eval_questions: int = 128  # validation questions measured during training

@@ -195,3 +195,40 @@ def test_precompute_reference_takes_the_bundled_name(fresh, tmp_path, monkeypatc
     computed = load_lmm(VLM_NAME, device="cpu").vision(shard_frames(fresh, 2))
     for a, b in zip(stored, computed, strict=True):
         assert torch.equal(a.tokens, b.tokens)
+
+
+def test_standardising_the_projector_equals_the_projector_on_standardised_features(encoder):
+    """After the fold, the projector on raw tower features equals the original projector on
+    features standardised by hand with the cache's per-dimension mean and std."""
+    from pipelines.vlm import VisionCache, build_model, standardise_projector
+
+    torch.manual_seed(0)
+    features = [torch.randn(5, 65, 128) * 3 + torch.linspace(-4, 4, 128) for _ in range(3)]
+    cache = VisionCache(features, [[0.0] * 5] * 3, [(64, 64)] * 3, ["a", "b", "c"])
+    model, _ = build_model(TextSettings(hidden=32, layers=1, heads=2, intermediate=64),
+                           encoder=encoder)
+    projector = model.model.multi_modal_projector
+    original = {k: v.clone() for k, v in projector.state_dict().items()}
+    standardise_projector(model, cache)
+    rows = torch.cat([f.reshape(-1, 128) for f in features])
+    z = (rows - rows.mean(0)) / rows.std(0)
+    hand = torch.nn.functional.linear(z, original["linear_1.weight"], original["linear_1.bias"])
+    with torch.no_grad():
+        assert torch.allclose(projector.linear_1(rows), hand, atol=1e-4)
+
+
+def test_a_grounding_example_asks_what_its_one_frame_shows():
+    from pipelines.synth import COLOURS, SHAPES
+    from pipelines.vlm import Example, ground_example
+
+    events = [("red circle", [3, 4, 5]), ("blue cross", []), ("green square", [9])]
+    ex = Example("What colour was the circle?", ["red", "blue"], 0, "colour", 0, [[3]], events)
+    rng = np.random.default_rng(1)
+    names = {f"{c} {s}" for c in COLOURS for s in SHAPES}
+    for _ in range(20):
+        question, frames = ground_example(ex, rng)
+        (frame,) = frames
+        shown = question.options[question.answer]
+        assert frame in dict(events)[shown] and shown != "blue cross"  # never an unseen event
+        assert len(set(question.options)) == 4 and set(question.options) <= names
+    assert ground_example(Example("q", ["a"], 0, "k", 0, [], [("red circle", [])]), rng) is None

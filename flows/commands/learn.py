@@ -303,6 +303,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--k", type=_ints, default=(4, 8, 16), metavar="K,K,...")
     p.add_argument("--judge", action="append", default=[], metavar="SPEC", help=JUDGE_HELP)
+    p.add_argument("--reference-batch", type=positive_int, default=8, metavar="B",
+                   help="with an lmm: judge, (question, subset) pairs per forward")
     _reward_options(p, "a judge, as one --judge (kept for earlier commands)", required=False)
     p.add_argument("--policy", nargs="*", default=[], metavar="RUN",
                    help="learned policies (run folders or policy folders)")
@@ -320,7 +322,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     methods = args.methods if args.methods is not None else list(BASELINES)
     table = evaluate_stage(args.store, args.qa, args.split, args.k, args.reward, args.policy,
                            methods, args.out, args.device, args.reference_features,
-                           args.reference_cache_gb, args.present, judges=args.judge)
+                           args.reference_cache_gb, args.present, judges=args.judge,
+                           reference_batch=args.reference_batch)
     console.out.print(markdown_table([r for r in table if r.category == "all"], args.split))
     if args.out:
         console.out.print(f"per question kind: {args.out / 'eval.md'}; also eval.csv, eval.json "
