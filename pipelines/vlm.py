@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -659,7 +658,7 @@ def _train_vlm(owned: Any, s: VLMSettings, say: Callable[[str], None],
             save_state(owned, model, optimizer, step, elapsed)
     seconds = time.perf_counter() - clock
     save_state(owned, model, optimizer, step, seconds)
-    return finish(out, model, processor, shards, manifest, s, step, seconds, prep_seconds,
+    return finish(owned, model, processor, shards, manifest, s, step, seconds, prep_seconds,
                   command, say)
 
 
@@ -721,17 +720,17 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def finish(out: Path, model: Any, processor: Any, shards: Path, manifest: Path, s: VLMSettings,
+def finish(owned: Any, model: Any, processor: Any, shards: Path, manifest: Path, s: VLMSettings,
            steps: int, seconds: float, prep_seconds: float, command: str,
            say: Callable[[str], None]) -> dict[str, Any]:
     """Save ``out/model`` (model + processor + meta.json), measure it, write report.json,
     README.md and training.png."""
     from stores.checkpoints import MetricsLog
 
+    out: Path = owned.path
     folder = out / MODEL_DIR
     tmp = out / (MODEL_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    owned.remove(tmp.name)  # a killed run's half-written model (only names refocus makes)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     say("measuring on the validation split through LMMScorer …")
@@ -745,8 +744,7 @@ def finish(out: Path, model: Any, processor: Any, shards: Path, manifest: Path, 
         "trainable_parameters": sum(p.numel() for p in trainable(model).values()),
     }
     (tmp / "meta.json").write_text(json.dumps(report, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
+    owned.remove(MODEL_DIR)
     os.replace(tmp, folder)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "README.md").write_text(readme(report))

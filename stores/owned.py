@@ -45,6 +45,7 @@ MADE_NAMES = (
     "failures.jsonl", "selections.*", "frames", "frames-??????.tar", "exported-*",
     "q-*", LOCKS, "shard-??????", "???_*s.jpg", "selection.json",
     "chunk-??????.npz", "chunk-??????.done.json", "meta.json", "margins",
+    "model",  # refocus train-vlm
 )
 
 
