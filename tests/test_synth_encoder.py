@@ -41,7 +41,7 @@ def test_the_bundled_encoder_loads_offline_and_sees_the_world(monkeypatch):
 
 
 def test_damaged_bundled_weights_are_refused(tmp_path, monkeypatch):
-    for path in ASSETS.glob(f"{SYNTH_ENCODER}*"):
+    for path in ASSETS.glob(f"{SYNTH_ENCODER}.*"):  # its files, not refocus-synth-vlm/
         shutil.copy(path, tmp_path / path.name)
     with open(tmp_path / f"{SYNTH_ENCODER}.safetensors", "r+b") as f:
         f.seek(-4, 2)
