@@ -199,6 +199,14 @@ def test_a_hung_url_is_one_failure_and_the_rest_of_its_shard_lands(tmp_path, sha
     assert len(shards.read("good").meta["timestamps"]) == 5
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT delivered and handled by default, as a shell starts a
+    command (an ignored or blocked SIGINT is inherited through exec, and a library used by an
+    earlier test in this process may have left it so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_ctrl_c_stops_a_blocked_read_in_one_process_mode(tmp_path):
     """SIGINT to a real `refocus ingest --workers 1` blocked on a host that never answers
     (read timeout 60 s): exit 130 within a few seconds."""
@@ -207,7 +215,8 @@ def test_ctrl_c_stops_a_blocked_read_in_one_process_mode(tmp_path):
         proc = subprocess.Popen(
             [REFOCUS, "ingest", f"{base}/hung.mp4", "--out", str(tmp_path / "out"),
              "--workers", "1", "--allow-private-hosts", "--network-timeout", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            preexec_fn=default_sigint)  # as from a shell, whatever earlier tests did here
         try:
             assert connected.wait(30), "refocus never connected"
             time.sleep(0.5)  # blocked in FFmpeg's read by now
