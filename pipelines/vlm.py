@@ -528,9 +528,8 @@ def standardise_projector(model: Any, cache: VisionCache, frames: int = 4096) ->
     inputs (more than half of a token's norm is a constant offset) while the model stays a
     plain LLaVA (the projector has no normalisation of its own)."""
     every = max(1, sum(len(f) for f in cache.features) // frames)
-    rows = torch.cat([f.reshape(-1, f.shape[-1]) for f in cache.features])
-    rows = rows.reshape(-1, cache.features[0].shape[1], rows.shape[-1])[::every]
-    rows = rows.reshape(-1, rows.shape[-1]).float()
+    picked = torch.cat([f.reshape(-1, f.shape[-2], f.shape[-1]) for f in cache.features])[::every]
+    rows = picked.reshape(-1, picked.shape[-1]).float()
     mean, std = rows.mean(0), rows.std(0).clamp_min(1e-3)
     first = model.model.multi_modal_projector.linear_1
     weight = first.weight / std
