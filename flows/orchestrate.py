@@ -401,6 +401,7 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
         encoder_args,
         find_policy,
         ingest_settings,
+        with_trained_k,
     )
 
     o = orchestration or Orchestration()
@@ -410,6 +411,7 @@ def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
     check_questions(manifest)
     claim_score(manifest, policy, out, inputs)
     trained = find_policy(policy)
+    settings = with_trained_k(settings, trained)  # --k, else the largest trained budget
     root = Path(out)
     with flow_record(out, "score", {"inputs": list(inputs), "policy": policy, "k": settings.k,
                                     "export": settings.export,

@@ -44,7 +44,7 @@ SHARDS, FEATURES = "shards", "features"  # under the output folder
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    k: int = 32
+    k: int | None = None  # None: the largest budget the policy was trained on (trained_k)
     export: str = "none"  # none | jpeg | webdataset
     ingest_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     embed: EmbedSettings = field(default_factory=lambda: EmbedSettings(index=None))
@@ -56,7 +56,7 @@ class ScoreSettings:
     network: NetworkSettings = field(default_factory=NetworkSettings)  # video URLs
 
     def __post_init__(self) -> None:
-        if self.k < 1:
+        if self.k is not None and self.k < 1:
             raise ValueError(f"k must be at least 1, got {self.k}")
         if self.export not in EXPORTS:
             raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
@@ -64,10 +64,32 @@ class ScoreSettings:
 
 @dataclass(frozen=True)
 class TrainedPolicy:
-    """A policy folder and the feature store it was trained on."""
+    """A policy folder, the feature store it was trained on, and the frame budgets of its
+    training curriculum (empty when neither its folder nor its run records them)."""
 
     path: Path
     store: FeatureStore | None
+    budgets: tuple[int, ...] = ()
+
+
+def _recorded_budgets(record: dict[str, Any]) -> tuple[int, ...]:
+    budgets = (record.get("settings") or {}).get("budgets") or ()
+    return tuple(int(k) for k in budgets)
+
+
+def trained_k(policy: TrainedPolicy, k: int | None) -> int:
+    """The budget to score with: ``k`` when given, else the largest budget the policy was
+    trained (and validated) on."""
+    if k is not None:
+        return k
+    if not policy.budgets:
+        raise UserError(f"{policy.path}: records no training budgets (its config.json and "
+                        "run.json name no settings); give the frames per question with --k")
+    return max(policy.budgets)
+
+
+def with_trained_k(settings: ScoreSettings, policy: TrainedPolicy) -> ScoreSettings:
+    return replace(settings, k=trained_k(policy, settings.k))
 
 
 def find_policy(path: str | os.PathLike[str]) -> TrainedPolicy:
@@ -80,12 +102,15 @@ def find_policy(path: str | os.PathLike[str]) -> TrainedPolicy:
     if not policy_record(folder):
         raise UserError(f"{path}: holds no refocus policy (give a refocus train --out folder "
                         "or its policy/ folder)")
+    budgets = _recorded_budgets(policy_record(folder))
     for candidate in (folder, folder.parent):
         run = candidate / "run.json"
         if run.exists():
-            store = json.loads(run.read_text())["store"]
-            return TrainedPolicy(folder, FeatureStore(store) if Path(store).exists() else None)
-    return TrainedPolicy(folder, None)
+            record = json.loads(run.read_text())
+            store = record["store"]
+            return TrainedPolicy(folder, FeatureStore(store) if Path(store).exists() else None,
+                                 budgets or _recorded_budgets(record))
+    return TrainedPolicy(folder, None, budgets)
 
 
 def ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:
@@ -243,6 +268,7 @@ def _score(manifest: Manifest, policy_path: str | os.PathLike[str], root: Path,
            settings: ScoreSettings, say: Callable[[str], None]) -> dict[str, Any]:
     started = time.perf_counter()
     policy = find_policy(policy_path)
+    settings = with_trained_k(settings, policy)  # before the slow part: a missing k stops here
     seconds: dict[str, float] = {}
     tick = time.perf_counter()
     say("ingest …")
@@ -270,13 +296,14 @@ def select_and_write(manifest: Manifest, policy: TrainedPolicy, root: Path,
                      started: float, say: Callable[[str], None] = lambda line: None,
                      ) -> dict[str, Any]:
     """After ingest and embed: select, write the selections, export, write the summary."""
+    k = trained_k(policy, settings.k)
     tick = time.perf_counter()
     say("select …")
     shards_dir, features_dir = root / SHARDS, root / FEATURES
     rows = select(features_dir, [shards_dir / shard_files.MANIFEST_FILE], policy.path,
-                  settings.k, settings.device, settings.questions_per_batch,
+                  k, settings.device, settings.questions_per_batch,
                   sources={v.id: v.path for v in manifest.videos})
-    meta = SelectionsMeta(policy=str(policy.path.resolve()), k=settings.k,
+    meta = SelectionsMeta(policy=str(policy.path.resolve()), k=k,
                           shards=str(shards_dir.resolve()),
                           features=str(features_dir.resolve()))
     files = write_selections(root, rows, meta)
@@ -289,7 +316,7 @@ def select_and_write(manifest: Manifest, policy: TrainedPolicy, root: Path,
                                  settings.export, settings.export_shard_size)
         seconds["export"] = time.perf_counter() - tick
     summary = {
-        "out": str(root), "policy": meta.policy, "k": settings.k,
+        "out": str(root), "policy": meta.policy, "k": k,
         "videos": len({r.video_id for r in rows}), "questions": len(rows),
         "frames_exported": exported,
         "selections": {name: str(path) for name, path in files.items()},

@@ -13,6 +13,14 @@ REFERENCE_CACHE_GB = 8.0  # on the model's device (GPU), --reference-cache-gb
 REFERENCE_HOST_CACHE_GB = 32.0  # in host memory (pinned when CUDA is present)
 REFERENCE_FRAMES_PER_PASS = 32  # frames through the vision tower at once (halved on OOM)
 
+# The paper's budget stages (4 → 8 → 16 → 32 frames): the GRPO curriculum and the subset sizes
+# the reference scores offline, so a surrogate distilled on those margins has seen every size
+# the policy trains on
+BUDGETS = (4, 8, 16, 32)
+# The data filter's statistic across temporal windows: the reference's margin (the correct
+# option's logit minus the best other one; the paper's) or the reward tanh(margin / 2)
+FILTER_STATISTICS = ("margin", "reward")
+
 
 @dataclass(frozen=True)
 class ReaderTrainSettings:
@@ -32,7 +40,7 @@ class GRPOSettings:
     steps: int = 600
     questions_per_step: int = 64
     group: int = 8
-    budgets: tuple[int, ...] = (4, 8, 16)
+    budgets: tuple[int, ...] = BUDGETS
     curriculum: str = "cumulative"  # or "stages": only the current stage's budget
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -41,8 +49,13 @@ class GRPOSettings:
     grad_clip: float = 1.0
     temperature: float = 1.0
     seed: int = 0
-    filter_threshold: float | None = None  # keep questions whose window rewards vary more
+    # the data filter (off when None): keep a question when the variance, across
+    # ``filter_windows`` equal temporal windows, of ``filter_statistic`` (scored on a few
+    # frames spread inside each window) is above the threshold. On the margin scale (logits)
+    # the paper's 0.2 is a standard deviation of about 0.45 logits across the windows
+    filter_threshold: float | None = None
     filter_windows: int = 4
+    filter_statistic: str = "margin"  # or "reward" (tanh(margin / 2), at most 1 in size)
     # with a surrogate (refocus train --surrogate): the reward model scores every n-th step,
     # the surrogate the others (1: the reward model every step, as without a surrogate)
     lmm_every: int = 1
@@ -53,6 +66,12 @@ class GRPOSettings:
                 f"curriculum must be 'cumulative' or 'stages', not {self.curriculum!r}")
         if not self.budgets or min(self.budgets) < 1:
             raise ValueError("budgets must be positive")
+        if self.filter_statistic not in FILTER_STATISTICS:
+            raise ValueError(f"filter statistic (--filter-statistic) must be one of "
+                             f"{', '.join(FILTER_STATISTICS)}, not {self.filter_statistic!r}")
+        if self.filter_windows < 2:
+            raise ValueError(f"filter windows must be at least 2: the filter compares the "
+                             f"windows of a video (got {self.filter_windows})")
         if self.group < 2:
             raise ValueError(f"group (--group) must be at least 2: the advantage compares the "
                              f"subsets sampled for a question, and one alone learns nothing "
@@ -73,7 +92,7 @@ class MarginSettings:
     """Which frame subsets the reference LMM scores offline (refocus precompute-margins)."""
 
     subsets_per_question: int = 16
-    budgets: tuple[int, ...] = (4, 8, 16)  # subset sizes, drawn among these
+    budgets: tuple[int, ...] = BUDGETS  # subset sizes, drawn among these
     evidence_share: float = 0.5  # subsets holding a frame of every evidence span
     splits: tuple[str, ...] = ("train", VAL_SPLIT)  # questions scored (val: held out)
     questions_per_chunk: int = 32  # a chunk: one file, one done marker, one mapped task

@@ -48,9 +48,9 @@ import torch.distributed as dist
 
 from refocus.data import Corpus
 from refocus.policy import FrameSelector, PolicyConfig
-from refocus.rewards import RewardCounts, RewardModel, pad_subsets
+from refocus.rewards import RewardCounts, RewardModel, pad_subsets, reward
 from refocus.selectors import Learned, uniform_indices
-from refocus.settings import GRPOSettings
+from refocus.settings import FILTER_STATISTICS, GRPOSettings
 
 
 @dataclass
@@ -145,24 +145,42 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def window_subsets(corpus: Corpus, question: int, windows: int, k: int) -> list[list[int]]:
+    """The filter's subsets of a question: k frames spread evenly inside each of ``windows``
+    equal temporal windows of its video (local frame indices)."""
+    n = int(corpus.n_frames[corpus.video[question]])
+    subsets = []
+    for w in range(windows):
+        lo, hi = w * n // windows, max(w * n // windows + 1, (w + 1) * n // windows)
+        subsets.append([lo + i for i in uniform_indices(hi - lo, k)])
+    return subsets
+
+
 def window_filter(corpus: Corpus, questions: list[int], reward_model: RewardModel,
-                  windows: int, k: int, threshold: float) -> tuple[list[int], np.ndarray]:
+                  windows: int, k: int, threshold: float, statistic: str = "margin",
+                  ) -> tuple[list[int], np.ndarray]:
     """The paper's data filter: score k frames spread evenly inside each of ``windows`` equal
-    temporal windows; keep questions whose window rewards vary (variance > threshold)."""
+    temporal windows; keep the questions whose ``statistic`` varies across the windows
+    (population variance > threshold). ``margin`` (the paper's): the reference's margin, the
+    correct option's logit minus the best other one, so a threshold of 0.2 keeps a question
+    whose margin moves by a standard deviation above √0.2 ≈ 0.45 logits from window to window
+    (the evidence is in some windows and not in others); ``reward``: tanh(margin / 2), which
+    saturates, so the same threshold asks for far more (a spread of ±0.45 in a reward bounded
+    by 1). Returns the kept questions and every question's variance."""
+    if statistic not in FILTER_STATISTICS:
+        raise ValueError(f"filter statistic must be one of {', '.join(FILTER_STATISTICS)}, "
+                         f"not {statistic!r}")
     variances = np.zeros(len(questions))
     for start in range(0, len(questions), 128):
         part = questions[start:start + 128]
-        subsets, rows = [], []
-        for q in part:
-            n = int(corpus.n_frames[corpus.video[q]])
-            for w in range(windows):
-                lo, hi = w * n // windows, max(w * n // windows + 1, (w + 1) * n // windows)
-                subsets.append([lo + i for i in uniform_indices(hi - lo, k)])
-                rows.append(q)
+        subsets = [s for q in part for s in window_subsets(corpus, q, windows, k)]
+        rows = torch.tensor([q for q in part for _ in range(windows)], device=corpus.device)
         picks, valid = pad_subsets(subsets, corpus.device)
-        rewards = reward_model.rewards(corpus, torch.tensor(rows, device=corpus.device), picks,
-                                       valid).view(len(part), windows)
-        variances[start:start + len(part)] = rewards.var(dim=1, unbiased=False).cpu().numpy()
+        values = reward_model.margins(corpus, rows, picks, valid).double()
+        if statistic == "reward":
+            values = reward(values)
+        variances[start:start + len(part)] = values.view(len(part), windows).var(
+            dim=1, unbiased=False).cpu().numpy()
     kept = [q for q, v in zip(questions, variances, strict=True) if v > threshold]
     return kept, variances
 
@@ -198,14 +216,24 @@ class GRPOTrainer:
             raise ValueError("no training questions (split 'train')")
         self.filter_stats: dict[str, Any] = {}
         if s.filter_threshold is not None:
-            kept, variances = window_filter(corpus, self.questions, reward_model,
-                                            s.filter_windows, min(s.budgets), s.filter_threshold)
-            self.filter_stats = {"before": len(self.questions), "after": len(kept),
-                                 "mean_variance": float(variances.mean())}
-            if not kept:
-                raise ValueError(f"the data filter (variance > {s.filter_threshold}) kept no "
-                                 "question; lower the threshold")
-            self.questions = kept
+            self.questions = self._filter(s.filter_threshold)
+
+    def _filter(self, threshold: float) -> list[int]:
+        """The data filter over the training questions (``window_filter`` at the smallest
+        budget); its statistics go into ``filter_stats`` (and the checkpoint)."""
+        s = self.settings
+        kept, variances = window_filter(self.corpus, self.questions, self.reward_model,
+                                        s.filter_windows, min(s.budgets), threshold,
+                                        s.filter_statistic)
+        self.filter_stats = {"before": len(self.questions), "after": len(kept),
+                             "mean_variance": float(variances.mean()),
+                             "statistic": s.filter_statistic, "threshold": threshold,
+                             "windows": s.filter_windows}
+        if not kept:
+            raise ValueError(f"the data filter ({s.filter_statistic} variance across "
+                             f"{s.filter_windows} windows > {threshold}) kept no question "
+                             f"(mean variance {variances.mean():.3g}); lower the threshold")
+        return kept
 
     # ------------------------------------------------------------------ schedule
     def stage(self, step: int | None = None) -> int:

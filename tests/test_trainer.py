@@ -1,6 +1,7 @@
 """GRPO runs: exact resume, safe checkpoints, the data filter, records and plots."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from toy import ToyReference, toy_corpus
 
+from flows.cli import build_parser
 from pipelines.learn import (
     RunSettings,
     load_corpus,
@@ -17,6 +19,7 @@ from pipelines.learn import (
     train_policy_stage,
     train_reader_stage,
 )
+from pipelines.score import ScoreSettings, find_policy, with_trained_k
 from refocus.rewards import RewardModel
 from refocus.selectors import uniform_indices
 from refocus.settings import GRPOSettings, ReaderTrainSettings
@@ -146,3 +149,103 @@ def test_the_curriculum_grows_the_budget(synth_store, reader_dir, curriculum):
         assert [set(t) for t in thirds] == [{4}, {4, 8}, {4, 8, 16}]
         last = np.bincount(thirds[2], minlength=17)[[4, 8, 16]] / len(thirds[2])
         assert np.all(np.abs(last - 1 / 3) < 0.12)
+
+
+class WindowMargins:
+    """A reference whose margin is known: answer 0's logit is the largest of the picked
+    frames' values (``values[question][frame]``), the other option's logit is 0."""
+
+    id = "window-margins"
+
+    def __init__(self, values: dict[int, list[float]]) -> None:
+        self.values = values
+
+    def logits(self, corpus, questions, picks, valid):
+        out = torch.zeros(len(questions), 2)
+        for i, (q, p, v) in enumerate(zip(questions.tolist(), picks.tolist(), valid.tolist(),
+                                          strict=True)):
+            out[i, 0] = max(self.values[q][f] for f, ok in zip(p, v, strict=True) if ok)
+        return out
+
+
+def known_margins() -> tuple[list[int], dict[int, list[float]]]:
+    """Six questions on 20-frame videos; with 4 windows of 5 frames and one frame per window,
+    the frames scored are each window's middle one: 2, 7, 12 and 17."""
+    rng = np.random.default_rng(3)
+    values = {q: rng.normal(0, 0.2, 20).round(3).tolist() for q in range(6)}
+    values[1][2] = values[1][7] = values[1][12] = 3.0  # evidence everywhere but window 4:
+    values[1][17] = 0.0  # margin variance 1.69, but tanh(m/2) variance 0.15
+    values[2][2], values[2][7], values[2][12], values[2][17] = -3.0, 3.0, -3.0, 3.0
+    values[3][2], values[3][7] = -1.0, 1.0  # margin variance ≈ 0.5, reward ≈ 0.1
+    return list(range(6)), values
+
+
+def test_window_filter_takes_the_margin_variance_across_windows():
+    corpus, _ = toy_corpus(videos=6, frames=20, split_every=100)
+    questions, values = known_margins()
+    model = RewardModel(WindowMargins(values))
+    middles = [2, 7, 12, 17]
+    margins = {q: np.array([values[q][f] for f in middles], dtype=np.float32) for q in questions}
+    by_hand = {"margin": [float(np.var(margins[q].astype(np.float64))) for q in questions],
+               "reward": [float(np.var(np.tanh(margins[q].astype(np.float64) / 2)))
+                          for q in questions]}
+    for statistic, expected in by_hand.items():
+        kept, variances = window_filter(corpus, questions, model, windows=4, k=1,
+                                        threshold=0.2, statistic=statistic)
+        np.testing.assert_allclose(variances, expected, rtol=1e-6, atol=1e-9)
+        assert kept == [q for q, v in zip(questions, expected, strict=True) if v > 0.2]
+    # the default is the paper's margin, and the two statistics keep different questions
+    assert window_filter(corpus, questions, model, 4, 1, 0.2)[0] == [1, 2, 3]
+    assert window_filter(corpus, questions, model, 4, 1, 0.2, "reward")[0] == [2]
+
+
+def test_the_trainer_filters_on_the_margin_and_keeps_its_statistics():
+    corpus, _ = toy_corpus(videos=6, frames=20, split_every=100)  # 1 … 5 in train
+    questions, values = known_margins()
+    settings = GRPOSettings(steps=2, questions_per_step=4, group=2, budgets=(1, 2),
+                            filter_threshold=0.2)
+    trainer = GRPOTrainer(corpus, RewardModel(WindowMargins(values)), settings)
+    middles = [2, 7, 12, 17]
+    variances = [np.var(np.array([values[q][f] for f in middles], dtype=np.float32)
+                        .astype(np.float64)) for q in questions[1:]]
+    assert trainer.questions == [1, 2, 3]
+    stats = trainer.state()[1]["filter"]
+    assert stats["statistic"] == "margin" and stats["before"] == 5 and stats["after"] == 3
+    assert stats["mean_variance"] == pytest.approx(np.mean(variances), rel=1e-6)
+    assert stats["threshold"] == 0.2 and stats["windows"] == 4
+    with pytest.raises(ValueError, match="kept no question"):
+        GRPOTrainer(corpus, RewardModel(WindowMargins(values)),
+                    GRPOSettings(**{**settings.as_dict(), "filter_threshold": 50.0}))
+    with pytest.raises(ValueError, match="filter statistic"):
+        GRPOSettings(filter_statistic="variance")
+
+
+def test_the_default_budgets_are_the_papers_stages():
+    assert GRPOSettings().budgets == (4, 8, 16, 32)
+    assert GRPOSettings().filter_statistic == "margin"
+
+
+def test_score_defaults_to_the_largest_budget_the_policy_trained_on(tmp_path, synth_store,
+                                                                    reader_dir):
+    run = tmp_path / "run"
+    train_policy_stage(synth_store / "features", None, f"reader:{reader_dir}", run, SETTINGS,
+                       RUN)
+    assert ScoreSettings().k is None  # not a fixed k the policy may never have trained on
+    for path in (run, run / "policy"):
+        policy = find_policy(path)
+        assert policy.budgets == SETTINGS.budgets
+        k = with_trained_k(ScoreSettings(), policy).k
+        assert k == 3 and k in SETTINGS.budgets
+        assert with_trained_k(ScoreSettings(k=7), policy).k == 7  # --k still wins
+    parsed = build_parser().parse_args(["score", "m.jsonl", "--policy", str(run), "--out",
+                                        str(tmp_path / "s")])
+    assert parsed.k is None
+    bare = tmp_path / "bare"  # a policy folder whose run records no settings
+    bare.mkdir()
+    (bare / "run.json").write_text(json.dumps({"store": str(synth_store / "features")}))
+    shutil.copytree(run / "policy", bare / "policy")
+    config = json.loads((bare / "policy" / "config.json").read_text())
+    config.pop("settings")
+    (bare / "policy" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="--k"):
+        with_trained_k(ScoreSettings(), find_policy(bare))

@@ -90,7 +90,8 @@ def add_flow(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("inputs", nargs="+", metavar="INPUT", help="manifests with questions "
                                                                 "(+ videos, folders)")
     sc.add_argument("--policy", required=True, type=Path, metavar="RUN")
-    sc.add_argument("--k", type=positive_int, default=32)
+    sc.add_argument("--k", type=positive_int, default=None,
+                    help="frames per question (default: the policy's largest trained budget)")
     sc.add_argument("--out", required=True, type=Path, metavar="DIR")
     sc.add_argument("--export", choices=("none", "jpeg", "webdataset"), default="none")
     sc.add_argument("--device", default=None)

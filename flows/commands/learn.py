@@ -151,7 +151,7 @@ def _run_train_reader(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- train
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    from refocus.settings import VAL_SPLIT, GRPOSettings
+    from refocus.settings import FILTER_STATISTICS, VAL_SPLIT, GRPOSettings
 
     d = GRPOSettings()
     p = add_command(
@@ -199,8 +199,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=d.temperature,
                    help="sampling temperature (above 0)")
     p.add_argument("--filter", type=non_negative_float, default=None, metavar="VAR",
-                   help="keep questions whose reward varies across temporal windows by more "
-                        "than VAR (the paper uses 0.2); default: keep all")
+                   help="the paper's data filter: keep the training questions whose "
+                        "--filter-statistic, scored on frames spread inside each of 4 equal "
+                        "temporal windows, has a variance across the windows above VAR (the "
+                        "paper uses 0.2: on the margin a standard deviation of about 0.45 "
+                        "logits); default: keep all")
+    p.add_argument("--filter-statistic", choices=FILTER_STATISTICS, default=d.filter_statistic,
+                   help="what the filter compares across windows: margin (the reference's "
+                        "correct-option logit minus the best other one, the paper's) or reward "
+                        "(tanh(margin / 2), bounded by 1, so a threshold means far more)")
     p.add_argument("--val-split", default=VAL_SPLIT, metavar="SPLIT",
                    help="the split whose questions choose the best checkpoint; training stops "
                         "when it has none, unless you pass --val-split train to choose on "
@@ -230,7 +237,7 @@ def _run_train(args: argparse.Namespace) -> int:
             steps=args.steps, questions_per_step=args.questions_per_step, group=args.group,
             budgets=args.budgets, curriculum=args.curriculum, lr=args.lr,
             entropy_coef=args.entropy, temperature=args.temperature, seed=args.seed,
-            filter_threshold=args.filter,
+            filter_threshold=args.filter, filter_statistic=args.filter_statistic,
             lmm_every=args.lmm_every if args.lmm_every is not None else 1)
     except ValueError as e:  # a setting out of range: one line, as for any bad input
         raise UserError(f"train: {e}") from None
@@ -266,7 +273,9 @@ def _run_train(args: argparse.Namespace) -> int:
                      f"{summary['seconds_this_call']} s)")
     if summary["filter"]:
         f = summary["filter"]
-        out.print(f"  data filter kept {f['after']} of {f['before']} questions")
+        out.print(f"  data filter kept {f['after']} of {f['before']} questions "
+                  f"({f.get('statistic', 'reward')} variance across windows, mean "
+                  f"{f['mean_variance']:.3g})")
     validation = ", ".join(f"{k} {100 * v:.1f} %" for k, v in best["validation"].items())
     out.print(f"  best validation at step {best['step']}: {validation}")
     calls = summary.get("reward_calls") or {}

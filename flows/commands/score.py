@@ -29,7 +29,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "downstream video-LLM. Benchmark annotations (Video-MME, LongVideoBench, MLVU,\n"
         "NExT-QA) become manifests with 'refocus import' first.\n\n"
         "examples:\n"
-        "  refocus score corpus.jsonl --policy runs/policy --k 32 --out scored/\n"
+        "  refocus score corpus.jsonl --policy runs/policy --out scored/  # its largest k\n"
         "  refocus import videomme test.parquet --videos videos/ -o vmme.jsonl\n"
         "  refocus score vmme.jsonl --policy runs/policy --k 16 --out vmme/ --export jpeg\n"
         "  refocus score videos/ qa.jsonl --policy runs/policy --out s/ --export webdataset",
@@ -39,7 +39,9 @@ def add_score(sub: argparse._SubParsersAction) -> None:
                         "refer to")
     p.add_argument("--policy", required=True, type=Path, metavar="RUN",
                    help="a refocus train --out folder (or its policy/ model folder)")
-    p.add_argument("--k", type=positive_int, default=32, help="frames per question")
+    p.add_argument("--k", type=positive_int, default=None,
+                   help="frames per question (default: the largest budget the policy was "
+                        "trained on, as its run records it)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--export", choices=("none", "jpeg", "webdataset"), default="none",
                    help="also copy the chosen frames out: a JPEG folder per question, or "
