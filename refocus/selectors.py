@@ -75,77 +75,83 @@ class TopK:
                 for q in questions]
 
 
-def _take_nearest_free(wanted: int, used: set[int], n: int) -> int:
-    for step in range(n):
-        for candidate in (wanted + step, wanted - step):
-            if 0 <= candidate < n and candidate not in used:
-                return candidate
-    raise ValueError("no free frame")
+def _unit_range(s: np.ndarray) -> np.ndarray:
+    """Scores scaled to [0, 1] (all zeros when they are all equal)."""
+    s = s.astype(np.float64)
+    return (s - s.min()) / max(float(s.max() - s.min()), 1e-12)
 
 
 @dataclass
 class Bolt:
-    """Inverse transform sampling over question similarity (BOLT): frames at the k evenly
-    spaced quantiles of p ∝ normalised similarity ** power."""
+    """Inverse transform sampling over question similarity (BOLT, Liu et al. 2025): the
+    similarities scaled to [0, 1] and raised to ``power`` make a distribution over the frames;
+    the frames at its k evenly spaced quantile levels (i + ½) / k are chosen. A frame reached
+    by several levels is chosen once, as BOLT has it: the released code keeps the repeated
+    index (the video-LLM sees the same frame again, nothing new), so a sharp distribution
+    spends several of its k picks on its peak and the selection holds fewer distinct frames;
+    no neighbouring frame is put in their place (which would turn the peak into a contiguous
+    window). (Its levels are linspace(1/k, 1 − 1/k, k), which puts both of k = 2's on the
+    median; the midpoints here are the symmetric version.)"""
 
     power: float = 8.0
     name: str = "bolt"
 
+    def pick(self, scores: np.ndarray, k: int) -> list[int]:
+        """The distinct frames at the k quantile levels, sorted (all frames when k ≥ n)."""
+        n = len(scores)
+        if k >= n:
+            return list(range(n))
+        p = _unit_range(scores) ** self.power
+        if p.sum() <= 0:  # all alike: no frame is more relevant than another
+            p = np.ones(n)
+        cdf = np.cumsum(p) / p.sum()
+        levels = (np.arange(k) + 0.5) / k
+        return sorted({min(int(i), n - 1) for i in np.searchsorted(cdf, levels)})
+
     def select(self, corpus: Corpus, questions: list[int], k: int) -> list[list[int]]:
-        out = []
-        for q in questions:
-            s = similarity(corpus, q).astype(np.float64)
-            n = len(s)
-            if k >= n:
-                out.append(list(range(n)))
-                continue
-            s = (s - s.min()) / max(s.max() - s.min(), 1e-9)
-            p = s ** self.power + 1e-6
-            cdf = np.cumsum(p) / p.sum()
-            used: set[int] = set()
-            for i in range(k):
-                wanted = int(np.searchsorted(cdf, (i + 0.5) / k))
-                used.add(_take_nearest_free(min(wanted, n - 1), used, n))
-            out.append(sorted(used))
-        return out
+        return [self.pick(similarity(corpus, q), k) for q in questions]
 
 
 @dataclass
 class AdaptiveKeyframes:
-    """Relevance plus coverage, after AKS (judge and split): the video is split in halves at
-    least ``min_depth`` times, each half with its share of the budget (coverage); below that,
-    a segment whose best frames stand out (mean of its top-m minus its mean, on similarities
-    scaled to [0, 1] per video, above ``threshold``) gives its budget m to its top frames
-    (relevance), and any other is split again."""
+    """Adaptive Keyframe Sampling (AKS, Tang et al. 2025), judge and split as the authors'
+    released frame_select.py does it. Similarities are scaled to [0, 1] per video. Starting
+    from the whole video with the whole budget k, a segment at depth d holds the budget
+    m = k / 2^d. Judge: when the mean of the segment's top k scores (k the whole budget, at
+    every depth, as released) exceeds the segment's mean by more than ``threshold``, relevance
+    dominates and the segment gives its m frames to its top m scores (TOP). Split: otherwise
+    it is cut in halves at its middle, each with half the budget (BIN: coverage), down to
+    ``max_depth`` levels; a segment that cannot be split further keeps its top m. Budgets that
+    do not halve evenly alternate the larger half between left and right, and a segment with a
+    single frame of budget is not split (the released code would give its halves 0 frames)."""
 
-    threshold: float = 0.3
-    min_depth: int = 1
-    max_depth: int = 5
+    threshold: float = 0.8  # the released t1
+    max_depth: int = 5  # the released all_depth
     name: str = "aks"
 
-    def _split(self, s: np.ndarray, start: int, end: int, m: int, depth: int) -> list[int]:
+    def _split(self, s: np.ndarray, start: int, end: int, m: int, k: int,
+               depth: int) -> list[int]:
+        segment = s[start:end]
         if m <= 0 or end <= start:
             return []
-        segment = s[start:end]
         if m >= len(segment):
             return list(range(start, end))
-        top = np.argsort(-segment, kind="stable")[:m]
-        stands_out = segment[top].mean() - segment.mean() > self.threshold
-        if depth >= self.max_depth or (depth >= self.min_depth and (stands_out or m == 1)):
-            return sorted(int(start + t) for t in top)
-        middle = (start + end) // 2
+        order = np.argsort(-segment, kind="stable")
+        relevant = segment[order[:k]].mean() - segment.mean() > self.threshold
+        if relevant or depth >= self.max_depth or m == 1:
+            return sorted(int(start + t) for t in order[:m])
+        middle = start + (end - start) // 2
         left = (m + 1) // 2 if depth % 2 == 0 else m // 2
-        return (self._split(s, start, middle, left, depth + 1)
-                + self._split(s, middle, end, m - left, depth + 1))
+        return (self._split(s, start, middle, left, k, depth + 1)
+                + self._split(s, middle, end, m - left, k, depth + 1))
+
+    def pick(self, scores: np.ndarray, k: int) -> list[int]:
+        """k frames of a video by judge and split over its frame scores, sorted."""
+        s = _unit_range(scores)
+        return sorted(set(self._split(s, 0, len(s), min(k, len(s)), k, 0)))
 
     def select(self, corpus: Corpus, questions: list[int], k: int) -> list[list[int]]:
-        out = []
-        for q in questions:
-            s = similarity(corpus, q).astype(np.float64)
-            s = (s - s.min()) / max(s.max() - s.min(), 1e-9)
-            chosen = self._split(s, 0, len(s), min(k, len(s)), 0)
-            out.append(sorted(set(chosen)))
-        return out
+        return [self.pick(similarity(corpus, q), k) for q in questions]
 
 
 @dataclass
