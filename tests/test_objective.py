@@ -5,6 +5,8 @@ loss's sign, and exact resume with a frozen reference policy."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -438,3 +440,13 @@ def test_a_run_written_before_these_settings_resumes_at_their_defaults():
 def test_out_of_range_objective_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         GRPOSettings(**bad)
+
+
+@pytest.mark.parametrize("flag, value", [("--updates-per-rollout", "0"), ("--clip-eps", "1.5"),
+                                         ("--std-floor", "0")])
+def test_the_train_command_checks_the_objective_flags(tmp_path, flag, value):
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--store",
+                           str(tmp_path / "none"), "--reward", "reader:x", "--out",
+                           str(tmp_path / "run"), flag, value], capture_output=True, text=True)
+    assert done.returncode == 2 and flag in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
