@@ -215,7 +215,7 @@ class UpdateStats:
 
 @dataclass
 class Objective:
-    """One update's loss and what it is made of (the last three detached)."""
+    """One update's loss and what it is made of (all but the loss detached)."""
 
     loss: torch.Tensor
     entropy: torch.Tensor  # averaged as the loss averages
