@@ -20,6 +20,9 @@ BUDGETS = (4, 8, 16, 32)
 # The data filter's statistic across temporal windows: the reference's margin (the correct
 # option's logit minus the best other one; the paper's) or the reward tanh(margin / 2)
 FILTER_STATISTICS = ("margin", "reward")
+# The GRPO objective's choices (GRPOSettings.loss_norm, .scale_rewards; refocus train flags)
+LOSS_NORMS = ("pick", "sequence", "constant")
+SCALE_REWARDS = ("group", "none")
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,23 @@ class GRPOSettings:
     # with a surrogate (refocus train --surrogate): the reward model scores every n-th step,
     # the surrogate the others (1: the reward model every step, as without a surrogate)
     lmm_every: int = 1
+    # the objective (refocus/trainer.py): how the per-pick terms are averaged — pick: over all
+    # real picks of the batch (DAPO); sequence: per subset, then over subsets (GRPO);
+    # constant: summed per subset and divided by max(budgets) (Dr. GRPO) — how advantages are
+    # scaled (group: by the group's reward std, clamped below at std_floor; none: centred
+    # only), whether groups whose reward std is below std_floor leave the loss, and how many
+    # optimizer steps each rollout feeds (above 1: PPO's ratio and clipping at clip_eps), with
+    # a KL penalty (k3 estimator) to the initial policy when kl_coef > 0
+    loss_norm: str = "pick"
+    scale_rewards: str = "group"
+    std_floor: float = 0.01  # in reward units (tanh(margin / 2), in −1..1)
+    drop_zero_variance: bool = False
+    updates_per_rollout: int = 1
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_objective()
         if self.curriculum not in ("cumulative", "stages"):
             raise ValueError(
                 f"curriculum must be 'cumulative' or 'stages', not {self.curriculum!r}")
@@ -82,6 +100,25 @@ class GRPOSettings:
         if not self.temperature > 0:
             raise ValueError(f"temperature (--temperature) must be above 0: the policy samples "
                              f"from logits divided by it (got {self.temperature})")
+
+    def _check_objective(self) -> None:
+        if self.loss_norm not in LOSS_NORMS:
+            raise ValueError(f"loss_norm (--loss-norm) must be one of {', '.join(LOSS_NORMS)}, "
+                             f"not {self.loss_norm!r}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards (--scale-rewards) must be one of "
+                             f"{', '.join(SCALE_REWARDS)}, not {self.scale_rewards!r}")
+        if not self.std_floor > 0:
+            raise ValueError(f"std_floor (--std-floor) must be above 0: the group's reward std "
+                             f"is clamped below at it (got {self.std_floor})")
+        if self.updates_per_rollout < 1:
+            raise ValueError(f"updates_per_rollout (--updates-per-rollout) must be at least 1 "
+                             f"(got {self.updates_per_rollout})")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"clip_eps (--clip-eps) must be in (0, 1): the ratio is clipped "
+                             f"to 1 ± it (got {self.clip_eps})")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef (--kl-coef) must be 0 or more (got {self.kl_coef})")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,8 +2,8 @@
 
 Each step: draw a batch of training questions; sample a group of N frame subsets per question
 from the policy (no gradient); score them with the reference (reward r = tanh(margin / 2));
-normalise within each group, A = (r − mean) / std; recompute the log-probabilities of the
-sampled subsets in one teacher-forced pass and minimise −Σ_t A·log π(f_t | q, f_<t) −
+normalise within each group, A = (r − mean) / max(std, floor); recompute the log-probabilities
+in one teacher-forced pass and minimise −A·log π(f_t | q, f_<t), averaged over the picks, −
 β·entropy. The budget k follows a curriculum (e.g. 4 → 8 → 16), each stage an equal share of
 the steps; by default each step draws k from the stages reached so far (``cumulative``), which
 keeps the policy good at small budgets — with the paper's plain stages, accuracy at k = 4 fell
@@ -18,6 +18,30 @@ scores, except that every subset already in the reward model's cache takes the c
 then sends a full batch of subsets to the LMM (its forwards stay batched), and with n = 1
 training is exactly training on the reward model alone. Each step's metrics say which model
 scored it and how many subsets each was sent (``RewardModel`` counts them).
+
+**The objective** (``GRPOSettings``; refocus train --loss-norm, --scale-rewards, --std-floor,
+--drop-zero-variance, --updates-per-rollout, --clip-eps, --kl-coef):
+
+* advantages: A = (r − mean) / max(std, std_floor) within each group (``scale_rewards=group``)
+  or A = r − mean (``none``, Dr. GRPO). The floor (0.01 by default, in reward units) keeps
+  rewards that differ by rounding (2e-6) from becoming advantages of order 1. A group whose
+  std is below the floor is *flat*; its share is logged every step (``zero_variance``), and
+  with ``drop_zero_variance`` its subsets leave the loss (numerator and denominator);
+* averaging (``loss_norm``) of every per-pick term (policy gradient, entropy, KL):
+  ``pick`` — over all real picks of the batch (DAPO's token-level mean; the default: the
+  gradient's scale does not grow with k), ``sequence`` — per subset, then over subsets
+  (GRPO), ``constant`` — summed per subset and divided by max(budgets), then over subsets
+  (Dr. GRPO);
+* ``updates_per_rollout = N``: N optimizer steps on each rollout (the whole batch each time, at
+  the step's learning rate). The old log-probabilities are those of the first update's
+  teacher-forced pass, made with the rollout's weights; there the ratio is exactly 1, and the
+  clipped objective's value and gradient are those of A·log π, which is what the first
+  update computes (so N = 1 is the plain policy-gradient step). Later updates use
+  r = exp(log π − log π_old) and PPO's min(r·A, clip(r, 1 − ε, 1 + ε)·A) per pick, and log the
+  share of picks on the clipped side (``clip_fraction``) and the k3 estimate of KL(old ‖ new)
+  (``approx_kl``), both averaged over those updates;
+* ``kl_coef > 0``: + kl_coef · k3(π_ref / π) per pick, π_ref the frozen initial policy (kept,
+  and saved in ``state()``, only then; ``kl_to_initial`` logged).
 
 The trainer holds no files: ``state()`` returns tensors and JSON-able values that restore it
 exactly (weights, optimizer, step, random generators), and the caller writes them.
@@ -34,6 +58,7 @@ this runs: one process trains exactly as before.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -72,6 +97,11 @@ class StepMetrics:
     reward_subsets: int = 0  # subsets the reward model scored (its cache misses)
     reward_forwards: int = 0  # the reward model's forwards (batches)
     surrogate_subsets: int = 0  # subsets the surrogate scored
+    zero_variance: float = 0.0  # share of groups whose reward std is below the floor
+    clip_fraction: float = 0.0  # picks on the clipped side, updates after the first
+    approx_kl: float = 0.0  # k3 KL(rollout policy ‖ updated policy), same updates
+    kl_to_initial: float = 0.0  # k3 KL to the initial policy (with kl_coef > 0)
+    grad_norm: float = 0.0  # the first update's gradient norm before clipping
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,12 +115,141 @@ class Rollout:
     mask: torch.Tensor  # [B·N, k] real picks
     rewards: torch.Tensor  # [B·N]
     advantage: torch.Tensor  # [B·N] normalised within each question's group
+    kept: torch.Tensor | None = None  # [B·N] bool: in the loss (None: all)
+    flat: torch.Tensor | None = None  # [B] bool: the group's reward std is below the floor
     sample_seconds: float = 0.0
     reward_seconds: float = 0.0
     cache_hits: int = 0
     reward_from: str = "reward"
     reward_counts: RewardCounts = field(default_factory=RewardCounts)  # this step's
     surrogate_counts: RewardCounts = field(default_factory=RewardCounts)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+def group_advantages(rewards: torch.Tensor, scale: str, floor: float,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages of rewards [G, N] (a row per question's group of subsets) and which groups
+    are flat [G] (reward std below ``floor``): r − mean, divided by max(std, floor) when
+    ``scale`` is "group" (population std, as the group is the whole sample)."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    std = rewards.std(1, keepdim=True, unbiased=False)
+    if scale == "group":
+        centred = centred / std.clamp_min(floor)
+    return centred, std.squeeze(1) < floor
+
+
+def clipped_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
+                      advantage: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-pick objective (to maximise) min(r·A, clip(r, 1 − ε, 1 + ε)·A) with
+    r = exp(log π − log π_old), log-probs [B, k] and advantages [B]; and which picks lie on
+    the clipped side (no gradient: r above 1 + ε with A > 0, below 1 − ε with A < 0)."""
+    ratio = (log_probs - old_log_probs).exp()
+    a = advantage[:, None]
+    objective = torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+    clipped = ((ratio > 1 + eps) & (a > 0)) | ((ratio < 1 - eps) & (a < 0))
+    return objective, clipped
+
+
+def k3(log_probs: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator of KL(π ‖ π_other) per pick drawn from π: e^d − d − 1 with
+    d = log π_other − log π (never negative, unbiased; GRPO's KL term)."""
+    d = other - log_probs
+    return d.exp() - d - 1
+
+
+@dataclass
+class PickMean:
+    """Averages per-pick terms [B·N, k] over the real picks of the subsets in the loss, as
+    ``loss_norm`` says (module docstring). Under several processes the denominator is the
+    whole batch's count over the number of ranks (their gradients are averaged)."""
+
+    norm: str
+    weight: torch.Tensor  # [B·N, k] float: 1 for a real pick of a subset in the loss
+    per_subset: torch.Tensor  # [B·N]: its picks (sequence) or max(budgets) (constant)
+    denominator: torch.Tensor  # picks (pick) or subsets (sequence, constant) in the loss
+
+    @classmethod
+    def of(cls, norm: str, mask: torch.Tensor, kept: torch.Tensor | None, max_budget: int,
+           world: int = 1) -> PickMean:
+        weight = (mask if kept is None else mask & kept[:, None]).float()
+        if norm == "pick":
+            count = weight.sum()
+        else:
+            count = weight.new_tensor(len(weight)) if kept is None else kept.float().sum()
+        if world > 1:
+            dist.all_reduce(count)
+            count = count / world
+        per_subset = (mask.float().sum(1).clamp_min(1) if norm == "sequence"
+                      else weight.new_full((len(weight),), float(max_budget)))
+        return cls(norm, weight, per_subset, count)
+
+    @property
+    def empty(self) -> bool:
+        """No pick of the whole batch is in the loss (every group dropped)."""
+        return not bool(self.denominator > 0)
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        denominator = self.denominator.clamp_min(1e-12)
+        if self.norm == "pick":
+            return (values * self.weight).sum() / denominator
+        return ((values * self.weight).sum(1) / self.per_subset).sum() / denominator
+
+    def share(self, flags: torch.Tensor) -> torch.Tensor:
+        """The share of this rank's picks in the loss where ``flags`` holds (or its mean,
+        for values)."""
+        return (flags.float() * self.weight).sum() / self.weight.sum().clamp_min(1)
+
+
+@dataclass
+class UpdateStats:
+    """What one rollout's updates report (this rank's)."""
+
+    loss: torch.Tensor  # the first update's
+    entropy: torch.Tensor  # the first update's mean entropy, averaged as the loss
+    kl_to_initial: torch.Tensor  # the first update's mean k3 to the initial policy
+    clip_fraction: torch.Tensor  # mean over the updates after the first (0 without)
+    approx_kl: torch.Tensor
+    grad_norm: torch.Tensor  # the first update's, before clipping (0 when it took none)
+
+
+@dataclass
+class Objective:
+    """One update's loss and what it is made of (all but the loss detached)."""
+
+    loss: torch.Tensor
+    entropy: torch.Tensor  # averaged as the loss averages
+    kl_to_initial: torch.Tensor  # 0 without a reference policy
+    clip_fraction: torch.Tensor  # share of the picks on the clipped side (0: first update)
+    approx_kl: torch.Tensor  # k3 KL(π_old ‖ π) (0: first update)
+
+
+def objective(log_probs: torch.Tensor, entropy: torch.Tensor, advantage: torch.Tensor,
+              mean: PickMean, settings: GRPOSettings, old: torch.Tensor | None = None,
+              reference: torch.Tensor | None = None) -> Objective:
+    """The loss of one update from the current policy's teacher-forced log-probabilities and
+    entropies [B·N, k] and the advantages [B·N]: −mean(A·log π) on the first update (``old``
+    None: the ratio is exactly 1 there, and this is the clipped objective's gradient), else
+    −mean(min(r·A, clip(r, 1 − ε, 1 + ε)·A)); − β·mean(entropy); + kl_coef·mean(k3 to the
+    reference policy's log-probs) when given. Every mean as ``mean`` averages."""
+    zero = log_probs.new_zeros(())
+    if old is None:
+        gain, clip_fraction, approx_kl = advantage[:, None] * log_probs, zero, zero
+    else:
+        gain, outside = clipped_surrogate(log_probs, old, advantage, settings.clip_eps)
+        clip_fraction = mean.share(outside)
+        approx_kl = mean.share(k3(old, log_probs.detach()))
+    mean_entropy = mean(entropy)
+    loss = -mean(gain) - settings.entropy_coef * mean_entropy
+    kl = zero
+    if reference is not None:
+        kl = mean(k3(log_probs, reference))
+        loss = loss + settings.kl_coef * kl
+    return Objective(loss, mean_entropy.detach(), kl.detach(), clip_fraction, approx_kl)
+
+
+def _mean_of(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.stack(values).mean().to(device) if values else torch.zeros((), device=device)
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -208,6 +367,9 @@ class GRPOTrainer:
         self.policy = FrameSelector(config).to(corpus.device)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=s.lr,
                                            weight_decay=s.weight_decay)
+        # the frozen initial policy of the KL penalty (only with one; saved in state())
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval() \
+            if s.kl_coef > 0 else None
         self.generator = torch.Generator(device=corpus.device).manual_seed(s.seed + self.rank)
         self.rng = np.random.default_rng(s.seed)  # alike on every rank: the same global batch
         self.step_count = 0
@@ -270,15 +432,20 @@ class GRPOTrainer:
         lr = self.learning_rate(self.step_count)
         rollout = self.rollout()
         rewarded = time.perf_counter()
-        loss, entropy = self.update(rollout)
+        update = self.update(rollout)
         done = time.perf_counter()
         grouped = rollout.rewards.view(-1, s.group)
-        stats = torch.stack([rollout.rewards.mean(), grouped.std(1, unbiased=False).mean(),
-                             rollout.advantage.abs().mean(), entropy, loss])
+        flat = rollout.flat if rollout.flat is not None else torch.zeros(len(grouped))
+        stats = torch.stack([
+            rollout.rewards.mean(), grouped.std(1, unbiased=False).mean(),
+            rollout.advantage.abs().mean(), update.entropy, update.loss,
+            flat.float().mean().to(update.loss.device), update.clip_fraction, update.approx_kl,
+            update.kl_to_initial, update.grad_norm])
         if self.world > 1:  # the whole batch's means (the shares are equal)
             dist.all_reduce(stats)
             stats /= self.world
-        reward, reward_std, advantage_abs, entropy_mean, loss_value = stats.tolist()
+        (reward, reward_std, advantage_abs, entropy_mean, loss_value, zero_variance,
+         clip_fraction, approx_kl, kl_to_initial, grad_norm) = stats.tolist()
         counts = [rollout.cache_hits, rollout.reward_counts.subsets,
                   rollout.reward_counts.forwards, rollout.surrogate_counts.subsets]
         if self.world > 1:  # the whole batch's counts
@@ -292,7 +459,9 @@ class GRPOTrainer:
             seconds=done - started, sample_seconds=rollout.sample_seconds,
             reward_seconds=rollout.reward_seconds, update_seconds=done - rewarded,
             cache_hits=hits, reward_from=rollout.reward_from, reward_subsets=reward_subsets,
-            reward_forwards=reward_forwards, surrogate_subsets=surrogate_subsets)
+            reward_forwards=reward_forwards, surrogate_subsets=surrogate_subsets,
+            zero_variance=zero_variance, clip_fraction=clip_fraction, approx_kl=approx_kl,
+            kl_to_initial=kl_to_initial, grad_norm=grad_norm)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16,
@@ -325,42 +494,68 @@ class GRPOTrainer:
         before = self.reward_model.counts.copy()
         surrogate_before = surrogate.counts.copy() if surrogate else RewardCounts()
         rewards = self.reward_model.rewards(corpus, rows, sample.picks, sample.mask, surrogate)
-        grouped = rewards.view(-1, s.group)
-        advantage = (grouped - grouped.mean(1, keepdim=True)) / (
-            grouped.std(1, keepdim=True, unbiased=False) + 1e-6)
+        advantage, flat = group_advantages(rewards.view(-1, s.group), s.scale_rewards,
+                                           s.std_floor)
+        kept = (~flat).repeat_interleave(s.group) if s.drop_zero_variance else None
         counts = self.reward_model.counts.minus(before)
         return Rollout(k, questions, sample.picks, sample.mask, rewards, advantage.flatten(),
-                       sample_seconds=sampled - started,
+                       kept, flat, sample_seconds=sampled - started,
                        reward_seconds=time.perf_counter() - sampled,
                        cache_hits=counts.hits, reward_from=source, reward_counts=counts,
                        surrogate_counts=surrogate.counts.minus(surrogate_before)
                        if surrogate else RewardCounts())
 
-    def update(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """3. Teacher-forced log-probabilities of the rollout's subsets, the policy-gradient
-        loss with an entropy bonus, one optimizer step (gradients averaged over the ranks
-        first). Returns this rank's (loss, mean entropy)."""
-        s, policy = self.settings, self.policy
+    def update(self, rollout: Rollout) -> UpdateStats:
+        """3. ``updates_per_rollout`` optimizer steps on the rollout's subsets (module
+        docstring), each: teacher-forced log-probabilities, the loss, backward, gradients
+        averaged over the ranks, clipping, a step (none when no pick is in the loss)."""
+        s = self.settings
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step_count)
         batch = self.corpus.frames_of(rollout.questions)
-        policy.train()
+        mean = PickMean.of(s.loss_norm, rollout.mask, rollout.kept, max(s.budgets), self.world)
+        reference = None
+        if self.reference is not None:
+            with torch.no_grad():
+                reference, _ = self._log_probs(self.reference, batch, rollout.picks)
+        self.policy.train()
+        terms: list[Objective] = []
+        norms = []
+        old = None
+        for _ in range(s.updates_per_rollout):
+            log_probs, entropy = self._log_probs(self.policy, batch, rollout.picks)
+            terms.append(objective(log_probs, entropy, rollout.advantage, mean, s, old,
+                                   reference))
+            old = log_probs.detach() if old is None else old  # the rollout's weights
+            if not mean.empty:  # (every group dropped: nothing to learn from this rollout)
+                norms.append(self._optimize(terms[-1].loss))
+        self.step_count += 1
+        first, later = terms[0], terms[1:]
+        device = first.loss.device
+        return UpdateStats(first.loss.detach(), first.entropy, first.kl_to_initial.to(device),
+                           _mean_of([t.clip_fraction for t in later], device),
+                           _mean_of([t.approx_kl for t in later], device),
+                           _mean_of(norms[:1], device))
+
+    def _log_probs(self, policy: FrameSelector, batch: Any, picks: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log π and entropy of the picks [B·N, k] (float32)."""
+        s = self.settings
         with self._autocast():
             ctx = policy.encode(batch.question_embedding, batch.question_text, batch.frames,
                                 batch.times, batch.valid).repeat(s.group)
-            log_probs, entropy = policy.log_probs(ctx, rollout.picks, temperature=s.temperature)
-        steps_taken = rollout.mask.float().sum(1).clamp_min(1)
-        pg = -(rollout.advantage * log_probs.float().sum(1)).mean()
-        mean_entropy = (entropy.float().sum(1) / steps_taken).mean()
-        loss = pg - s.entropy_coef * mean_entropy
+            log_probs, entropy = policy.log_probs(ctx, picks, temperature=s.temperature)
+        return log_probs.float(), entropy.float()
+
+    def _optimize(self, loss: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on ``loss``; returns the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.world > 1:
             self._average_gradients()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), s.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.settings.grad_clip)
         self.optimizer.step()
-        self.step_count += 1
-        return loss.detach(), mean_entropy.detach()
+        return norm.detach()
 
     def _average_gradients(self) -> None:
         """Mean of the ranks' gradients, in one all-reduce of all of them flattened (the same
@@ -401,6 +596,9 @@ class GRPOTrainer:
         for index, entry in optimizer["state"].items():
             for name, value in entry.items():
                 tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu()
+        if self.reference is not None:
+            tensors.update({f"reference.{k}": v.detach().cpu().contiguous()
+                            for k, v in self.reference.state_dict().items()})
         tensors["generator"] = self.generator.get_state()
         if self.world > 1:  # every rank's sampling generator (a collective: call on all ranks)
             states: list[Any] = [None] * self.world
@@ -420,6 +618,12 @@ class GRPOTrainer:
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items()
                                      if k.startswith("policy.")})
+        if self.reference is not None:
+            saved = {k[len("reference."):]: v for k, v in tensors.items()
+                     if k.startswith("reference.")}
+            if not saved:
+                raise ValueError("the checkpoint holds no reference policy for the KL penalty")
+            self.reference.load_state_dict(saved)
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):

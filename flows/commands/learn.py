@@ -219,7 +219,42 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                         "only the current stage's k (the paper)")
     p.add_argument("--hidden", type=positive_int, default=64, help="policy width")
     p.add_argument("--seed", type=non_negative_int, default=d.seed)
+    _objective_options(p.add_argument_group("objective"), d)
     p.set_defaults(run=_run_train)
+
+
+def _objective_options(g: argparse._ArgumentGroup, d) -> None:  # noqa: ANN001
+    """The GRPO loss: averaging, advantages, updates per rollout (GRPOSettings)."""
+    from refocus.settings import LOSS_NORMS, SCALE_REWARDS
+
+    g.add_argument("--loss-norm", choices=LOSS_NORMS, default=d.loss_norm,
+                   help="how the per-pick terms (policy gradient, entropy, KL) are averaged: "
+                        "pick, over every real pick of the batch (DAPO; the gradient does not "
+                        "grow with k); sequence, per subset then over subsets (GRPO); "
+                        "constant, summed per subset and divided by the largest budget "
+                        "(Dr. GRPO)")
+    g.add_argument("--scale-rewards", choices=SCALE_REWARDS, default=d.scale_rewards,
+                   help="group: advantages are the rewards centred in their group and divided "
+                        "by its std (at least --std-floor); none: centred only (Dr. GRPO)")
+    g.add_argument("--std-floor", type=float, default=d.std_floor, metavar="STD",
+                   help="the group's reward std is clamped below at STD (rewards are "
+                        "tanh(margin/2), in -1..1), so rewards that differ by rounding do "
+                        "not become unit advantages; a group below it counts as flat "
+                        "(metrics: zero_variance)")
+    g.add_argument("--drop-zero-variance", action="store_true",
+                   help="leave the flat groups (reward std below --std-floor) out of the "
+                        "loss's mean instead of counting them with advantage ~0")
+    g.add_argument("--updates-per-rollout", type=_int, default=d.updates_per_rollout,
+                   metavar="N", help="optimizer steps per rollout; above 1 each later step "
+                   "uses the ratio to the rollout policy with PPO clipping (metrics: "
+                   "clip_fraction, approx_kl), so each reward call is used N times")
+    g.add_argument("--clip-eps", type=float, default=d.clip_eps, metavar="EPS",
+                   help="PPO clip range: the ratio counts within 1 +- EPS (with "
+                        "--updates-per-rollout above 1)")
+    g.add_argument("--kl-coef", type=non_negative_float, default=d.kl_coef, metavar="COEF",
+                   help="weight of a KL penalty (k3 estimator) to the initial policy, kept "
+                        "frozen in the checkpoint (metrics: kl_to_initial); 0 (the default): "
+                        "none")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -238,7 +273,11 @@ def _run_train(args: argparse.Namespace) -> int:
             budgets=args.budgets, curriculum=args.curriculum, lr=args.lr,
             entropy_coef=args.entropy, temperature=args.temperature, seed=args.seed,
             filter_threshold=args.filter, filter_statistic=args.filter_statistic,
-            lmm_every=args.lmm_every if args.lmm_every is not None else 1)
+            lmm_every=args.lmm_every if args.lmm_every is not None else 1,
+            loss_norm=args.loss_norm, scale_rewards=args.scale_rewards,
+            std_floor=args.std_floor, drop_zero_variance=args.drop_zero_variance,
+            updates_per_rollout=args.updates_per_rollout, clip_eps=args.clip_eps,
+            kl_coef=args.kl_coef)
     except ValueError as e:  # a setting out of range: one line, as for any bad input
         raise UserError(f"train: {e}") from None
     run = RunSettings(eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
