@@ -722,6 +722,16 @@ def accuracy_cell(row: Row | None) -> str:
     return cell + (" *" if row.self_judged else "")
 
 
+def ceiling_cell(row: Row | None) -> str:
+    """``71.2 (512 frames)``: the judge's all-frames accuracy % and the frames it was shown on
+    average."""
+    if row is None or row.ceiling is None:
+        return "–"
+    frames = "" if row.ceiling_frames is None else \
+        f" ({row.ceiling_frames:.1f}".removesuffix(".0") + " frames)"
+    return _percent(row.ceiling) + frames
+
+
 def _statistics_notes(table: list[Row], about: dict[str, Any] | None) -> list[str]:
     """What the intervals, the seeds and the ceiling row mean."""
     stats = (about or {}).get("statistics", {})
@@ -740,7 +750,8 @@ def _statistics_notes(table: list[Row], about: dict[str, Any] | None) -> list[st
     if any(r.ceiling is not None for r in table):
         lines.append("all frames (ceiling): the judge's accuracy on the same questions when "
                      "shown every candidate frame (an LMM judge: at most "
-                     f"{stats.get('ceiling_frames', 'a few')}, spread uniformly).")
+                     f"{stats.get('ceiling_frames', 'a few')}, spread uniformly, fewer when "
+                     "its context holds fewer), with the frames it was shown on average.")
     return lines + [""] if lines else []
 
 
@@ -776,10 +787,10 @@ def markdown_table(table: list[Row], split: str, about: dict[str, Any] | None = 
         chance = {r.judge: r.chance for r in mine}
         lines.append("| chance | – | | " + " | ".join(_percent(chance.get(j)) for j in judges)
                      + " | |")
-        ceiling = {r.judge: r.ceiling for r in mine}
-        if any(v is not None for v in ceiling.values()):
+        ceiling = {r.judge: r for r in mine if r.ceiling is not None}
+        if ceiling:
             lines.append("| all frames (ceiling) | – | | "
-                         + " | ".join(_percent(ceiling.get(j)) for j in judges) + " | |")
+                         + " | ".join(ceiling_cell(ceiling.get(j)) for j in judges) + " | |")
         lines.append("")
         if any(r.self_judged for r in mine):
             lines += ["\\* self-judged: this judge is the model that gave the policy its "

@@ -15,8 +15,9 @@ questions (``ci_low``, ``ci_high``: the questions resampled with replacement, a 
 each of several seeds: its cell is the mean over the seeds, the bootstrap resamples the
 questions' seed-averaged scores, and ``seed_std`` is the standard deviation of the accuracy
 across the seeds. ``ceiling`` is the judge's accuracy on the same questions when shown every
-candidate frame (for an LMM judge, at most ``LMM_CEILING_FRAMES`` of them, spread uniformly:
-every frame of a long video costs too much); the ideal observer's ceiling is 1 by its rule."""
+candidate frame (for an LMM judge, at most ``LMM_CEILING_FRAMES`` of them, spread uniformly,
+fewer when its context holds fewer: every frame of a long video costs too much; the frames
+shown on average are ``ceiling_frames``); the ideal observer's ceiling is 1 by its rule."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from refocus.settings import EVAL_LEVEL as LEVEL
 from refocus.settings import EVAL_RESAMPLES as RESAMPLES
 from refocus.settings import EVAL_SEEDS as SEEDS
 from refocus.settings import LMM_CEILING_FRAMES
+from stores.errors import UserError
 
 ALL = "all"
 IDEAL = "ideal"  # the ideal observer's spec, id and label
@@ -62,6 +64,7 @@ class Row:
     seeds: int = 1  # the seeds the cell averages (1: a deterministic selector)
     seed_std: float | None = None  # the accuracy's standard deviation across those seeds
     ceiling: float | None = None  # the judge's accuracy from every frame, same questions
+    ceiling_frames: float | None = None  # the frames it was shown for that, on average
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -281,7 +284,8 @@ def evaluate(corpus: Corpus, questions: list[int], selectors: list[Selector],
                         float(np.mean(first.chance[key])),
                         names[trained_on] if trained_on else None, trained_on == judge.id,
                         ci_low=low, ci_high=high, seeds=seeds, seed_std=spread,
-                        ceiling=top.get(key)))
+                        ceiling=top[key][0] if key in top else None,
+                        ceiling_frames=top[key][1] if key in top else None))
     return rows
 
 
@@ -306,17 +310,28 @@ def _pooled_mean(per_seed: Sequence[Sequence[float]]) -> float | None:
 
 
 def ceilings(corpus: Corpus, questions: list[int], judges: Sequence[Judge],
-             lmm_frames: int | None, batch_size: int) -> dict[tuple[str, str], float]:
-    """Per (judge id, kind): the judge's accuracy when shown every candidate frame (capped for
-    an LMM judge, none with no cap), over the questions it scores."""
-    out: dict[tuple[str, str], float] = {}
+             lmm_frames: int | None, batch_size: int,
+             ) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per (judge id, kind): the judge's accuracy when shown every candidate frame, over the
+    questions it scores, and the frames it was shown on average. An LMM judge sees at most
+    ``lmm_frames`` (none: no ceiling), halved until its prompt fits its context."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    batch = max(1, batch_size // 8)  # long selections: fewer questions per forward
     for judge in judges:
+        lmm = judge.id.startswith("lmm:")
         cap = ceiling_cap(judge.id, lmm_frames)
-        if judge.id.startswith("lmm:") and not cap:
+        if lmm and not cap:
             continue
-        batch = max(1, batch_size // 8)  # long selections: fewer questions per forward
-        tally = _collect(corpus, questions, AllFrames(cap), 0, [judge], batch)
-        out.update({key: float(np.mean(list(scores.values())))
+        while True:
+            try:
+                tally = _collect(corpus, questions, AllFrames(cap), 0, [judge], batch)
+                break
+            except UserError:  # e.g. more frames than the LMM's context holds
+                if not lmm or not cap or cap == 1:
+                    raise
+                cap //= 2
+        out.update({key: (float(np.mean(list(scores.values()))),
+                          float(np.mean(tally.frames[key[1]])))
                     for key, scores in tally.judged.items() if scores})
     return out
 

@@ -94,7 +94,7 @@ def test_the_ideal_observer_matches_a_hand_computed_case():
     assert everything.ceiling == 1.0  # every frame shown: every span with a frame is hit
     table = markdown_table(rows, "test")
     assert "| fixed | – | 2 | 56.7 [20.0, 100.0] | 50.0 |" in table  # accuracy, recall (%)
-    assert "| all frames (ceiling) | – | | 100.0 | |" in table
+    assert "| all frames (ceiling) | – | | 100.0 (10 frames) | |" in table
     assert "| chance | – | | 31.7 | |" in table
     assert "ideal scores 3 of the 5 questions (those with an evidence span" in table
 
@@ -294,6 +294,25 @@ def test_a_tiny_lmm_judges_beside_the_ideal_observer(synth_store, tmp_path, monk
             right[k].append(int(torch.argmax(logits[:len(corpus.options_text[q])])) ==
                             int(corpus.answer[q]))
     assert 0 < sum(map(sum, right.values())) < 8 * len(ks)  # neither always right nor wrong
+    # the ceiling: 64 frames do not fit the tiny model's context, so fewer, halved until they
+    # fit; the scorer's own answers from that many frames, spread uniformly
+    row = next(r for r in table if r.judge == "lmm:tiny-vlm" and r.category == "all")
+    lengths = [len(frames.images(corpus.video_ids[int(corpus.video[q])]))
+               for q in corpus.rows("test")]
+    cap = next(c for c in (64, 32, 16, 8, 4, 2, 1)
+               if np.mean([min(n, c) for n in lengths]) == pytest.approx(row.ceiling_frames))
+    assert cap < 64 < max(lengths)
+    on_all = []
+    for q in corpus.rows("test"):
+        video = corpus.video_ids[int(corpus.video[q])]
+        images, times = frames.images(video), shards.read(video).meta["timestamps"]
+        chosen = uniform_indices(len(images), cap)
+        logits = scorer.logits_from_images([Item(
+            corpus.text[q], corpus.options_text[q], [images[i] for i in chosen],
+            [times[i] for i in chosen])])[0]
+        on_all.append(int(torch.argmax(logits[:len(corpus.options_text[q])]))
+                      == int(corpus.answer[q]))
+    assert row.ceiling == pytest.approx(np.mean(on_all))
     for k in ks:
         assert len(right[k]) == 8
         assert accuracy[("uniform", k, "lmm:tiny-vlm")] == pytest.approx(np.mean(right[k]))
