@@ -26,11 +26,12 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
 
 def budget_stages(train: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
     """The curriculum's stages from the train rows: (first step, last step, budget) of each
-    run of consecutive steps at one budget, in step order."""
+    run of steps with the same largest budget so far, in step order (a cumulative curriculum
+    also draws the smaller budgets within a stage)."""
     stages: list[tuple[int, int, int]] = []
     for r in sorted(train, key=lambda r: r["step"]):
-        if stages and stages[-1][2] == r["budget"]:
-            stages[-1] = (stages[-1][0], r["step"], r["budget"])
+        if stages and r["budget"] <= stages[-1][2]:
+            stages[-1] = (stages[-1][0], r["step"], stages[-1][2])
         else:
             stages.append((r["step"], r["step"], r["budget"]))
     return stages
@@ -58,8 +59,8 @@ PANELS = (("reward", "reward per budget (mean of the group samples)", "tanh(marg
 def training_curves(rows: list[dict[str, Any]], path: Path, best: int | None = None) -> Path:
     """Per step: reward (a line per budget, smoothed over its raw values), reward std within
     the groups, mean |advantage|, entropy and loss; validation accuracy and evidence recall per
-    budget. The curriculum's stages are shaded and labelled k=…, the best step (``best``, else
-    the best validation by ``best_step``) is marked on every panel."""
+    budget. The curriculum's stages are shaded and labelled by their largest k; the best step
+    (``best``, else the best validation by ``best_step``) is marked on every panel."""
     train = sorted((r for r in rows if r.get("kind") == "train"), key=lambda r: r["step"])
     val = [r for r in rows if r.get("kind") == "val"]
     best = best if best is not None else best_step(val)
@@ -96,13 +97,14 @@ def training_curves(rows: list[dict[str, Any]], path: Path, best: int | None = N
 
 
 def _mark_stages(ax: Any, stages: list[tuple[int, int, int]], best: int | None) -> None:
-    """Alternate shading per curriculum stage with its k=… at the top; the best step as a
-    red line."""
+    """Alternate shading per curriculum stage with its largest budget (``k≤8``) at the top;
+    the best step as a red line."""
     for i, (first, last, k) in enumerate(stages):
         ax.axvspan(first - 0.5, last + 0.5, color="gray" if i % 2 else "white", alpha=0.12,
                    lw=0)
-        ax.text((first + last) / 2, 0.98, f"k={k}", transform=ax.get_xaxis_transform(),
-                ha="center", va="top", fontsize=7, color="dimgray")
+        ax.text((first + last) / 2, 0.98, f"stage k≤{k}" if i else f"stage k={k}",
+                transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=7,
+                color="dimgray")
     if best is not None:
         ax.axvline(best, color="tab:red", lw=1, ls="--", label=f"best (step {best})")
 

@@ -167,7 +167,7 @@ def test_a_random_selector_is_averaged_over_seeds_with_its_spread():
     cell = (f"{100 * random_row.accuracy:.1f} [{100 * random_row.ci_low:.1f}, "
             f"{100 * random_row.ci_high:.1f}] sd {100 * random_row.seed_std:.1f}")
     assert f"| random | – | 2 | {cell} |" in table
-    assert "| all frames (ceiling) | – | | 100.0 | |" in table
+    assert "| all frames (ceiling) | – | | 100.0 (10 frames) | |" in table
     assert "random: the mean over seeds 0, 1, 2; sd: the standard deviation" in table
     assert "the 95 % percentile bootstrap interval over the questions (1000 resamples" in table
 
@@ -190,6 +190,9 @@ def test_the_plots_label_budget_stages_and_mark_the_best_step(tmp_path):
             "evidence_recall@4": 0.5} for s, a, b in
            ((4, 0.4, 0.5), (8, 0.6, 0.5), (12, 0.5, 0.6))]  # 8 and 12 tie: the first
     assert budget_stages(list(reversed(train))) == stages
+    cumulative = [2, 2, 4, 2, 4, 8, 4, 2]  # each stage also draws the smaller budgets
+    assert budget_stages([{"step": s, "budget": k} for s, k in enumerate(cumulative, 1)]) \
+        == [(1, 2, 2), (3, 5, 4), (6, 8, 8)]
     assert best_step(val) == 8
     image = training_curves([*train, *val], tmp_path / "training.png")
     assert Image.open(image).size == (1760, 880)
