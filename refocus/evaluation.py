@@ -11,7 +11,8 @@ model it was trained against is marked (``self_judged``).
 
 Statistics: every accuracy cell carries a 95 % percentile bootstrap interval over its
 questions (``ci_low``, ``ci_high``: the questions resampled with replacement, a fixed seed,
-``RESAMPLES`` times). A stochastic selector (one with a ``seed``, e.g. random) is run under
+``RESAMPLES`` times; one seed for every cell, so cells over the same questions are resampled
+alike). A stochastic selector (one with a ``seed``, e.g. random) is run under
 each of several seeds: its cell is the mean over the seeds, the bootstrap resamples the
 questions' seed-averaged scores, and ``seed_std`` is the standard deviation of the accuracy
 across the seeds. ``ceiling`` is the judge's accuracy on the same questions when shown every
