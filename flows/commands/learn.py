@@ -332,16 +332,17 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="baselines (default: uniform random clip-top-k bolt aks)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write eval.md, eval.csv and eval.png here")
-    p.add_argument("--seeds", type=_seeds, default=EVAL_SEEDS, metavar="N|S,S,...",
+    p.add_argument("--seeds", type=_seeds, default=",".join(map(str, EVAL_SEEDS)) + ",",
+                   metavar="N|S,S,...",
                    help="run stochastic selectors (random) under N seeds (0 … N-1) or these "
-                   "seeds (3, is seed 3 alone): mean and spread across them (default: seed 0)")
+                   "seeds (3, is seed 3 alone): mean and spread across them")
     p.add_argument("--resamples", type=non_negative_int, default=EVAL_RESAMPLES, metavar="R",
                    help="bootstrap resamples of the questions per accuracy cell for its 95 %% "
-                   "interval (default %(default)s; 0: no intervals)")
+                   "interval (0: no intervals)")
     p.add_argument("--ceiling-frames", type=non_negative_int, default=LMM_CEILING_FRAMES,
                    metavar="M", help="the most frames (spread uniformly) an lmm: judge is "
-                   "shown for its all-frames ceiling (default %(default)s; 0: no ceiling for "
-                   "it; the other judges see every frame)")
+                   "shown for its all-frames ceiling (0: no ceiling for it; the other judges "
+                   "see every frame)")
     p.set_defaults(run=_run_eval)
 
 
