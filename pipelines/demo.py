@@ -233,8 +233,9 @@ def cross_judged(table: list[Row], k: int) -> dict[str, dict[str, Any]]:
             continue
         row = out.setdefault(r.method, {"rewards_by": r.rewards_by, "judged": {},
                                         "self_judged": [], "evidence_recall": r.evidence_recall,
-                                        "chance": {}})
+                                        "chance": {}, "interval": {}})
         row["judged"][r.judge] = r.accuracy
+        row["interval"][r.judge] = [r.ci_low, r.ci_high]  # the 95 % bootstrap interval
         row["chance"][r.judge] = r.chance
         if r.self_judged:
             row["self_judged"].append(r.judge)
@@ -243,7 +244,8 @@ def cross_judged(table: list[Row], k: int) -> dict[str, dict[str, Any]]:
 
 def cross_table(rows: dict[str, dict[str, Any]], judges: list[str]) -> list[str]:
     """The report's headline table: one row per method, one column per judge; a cell judged by
-    the model that gave that selector its rewards carries a star."""
+    the model that gave that selector its rewards carries a star; [a, b] is its 95 % bootstrap
+    interval over the test questions."""
     head = ["method", "rewards by", *(f"judged by {JUDGE_TITLES.get(j, j)}" for j in judges),
             "evidence recall"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(judges) + 1)]
@@ -252,7 +254,10 @@ def cross_table(rows: dict[str, dict[str, Any]], judges: list[str]) -> list[str]
         for j in judges:
             value = row["judged"].get(j)
             star = " *" if j in row["self_judged"] else ""
-            cells.append("–" if value is None else f"{100 * value:.1f}{star}")
+            low, high = row.get("interval", {}).get(j) or (None, None)
+            ci = f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None and high is not None \
+                else ""
+            cells.append("–" if value is None else f"{100 * value:.1f}{ci}{star}")
         cells.append(_percent(row["evidence_recall"]))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -295,7 +300,8 @@ def write_report(paths: dict[str, Path], settings: DemoSettings, seconds: dict[s
              "A star marks a cell judged by the model that gave that selector its rewards; the "
              "headline above uses none of them. The ideal observer answers right exactly when "
              "the frames hit every evidence span of the question and guesses uniformly "
-             "otherwise (no model at all). Every budget, per question kind: "
+             "otherwise (no model at all). [a, b]: the 95 % bootstrap interval over the "
+             "test questions. Every budget, per question kind: "
              "[eval.md](../eval/eval.md).", "",
              "![accuracy per judge](accuracy.png)", "",
              *_report_o2o(o2o, settings), "",

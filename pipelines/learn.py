@@ -27,6 +27,8 @@ from refocus.evaluation import (
     Judge,
     ModelJudge,
     Row,
+    Statistics,
+    ceiling_cap,
     evaluate,
     labels,
 )
@@ -489,7 +491,8 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
                                best_weights, chosen="best validation", best=best, **record)
         checkpoints.save_model(out_dir / "policy-last", "policy", policy_config.as_dict(),
                                trainer.policy.state_dict(), chosen="last step", **record)
-        plots.training_curves(list(metrics.rows()), out_dir / "training.png")
+        plots.training_curves(list(metrics.rows()), out_dir / "training.png",
+                              best=best["step"] or None)
     if main:
         write_json_atomic(out_dir / "summary.json", summary)
     if main and finished and not (out_dir / COMPLETE).exists():
@@ -592,22 +595,25 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
                    reference_features: str | None = None,
                    reference_cache_gb: float = REFERENCE_CACHE_GB,
                    present: str | None = None, judges: Sequence[str] = (),
-                   reference_batch: int = 8) -> list[Row]:
+                   reference_batch: int = 8, statistics: Statistics = Statistics(),
+                   ) -> list[Row]:
     """Every selector at every budget on ``split``, scored by every judge (``reward_spec``,
     kept for earlier callers, is the first; ``judges``: more specs, ``ideal`` among them);
     with ``out`` (an evaluation folder refocus owns, locked while written), eval.csv,
     eval.md, eval.json and eval.png there. Rows: one per method, k, kind and judge
-    (``refocus.evaluation.accuracy_by_judge`` reads them as data)."""
+    (``refocus.evaluation.accuracy_by_judge`` reads them as data), each with its bootstrap
+    interval, seeds and all-frames ceiling as ``statistics`` says."""
     specs = judge_specs(reward_spec, judges)
     if out is None:
         return _evaluate(store, qa, split, ks, specs, policies, methods, device,
-                         reference_features, reference_cache_gb, present, reference_batch)[0]
+                         reference_features, reference_cache_gb, present, reference_batch,
+                         statistics)[0]
     owned = claim(out, "eval", inputs=[store, *(qa or ()), *policies, reference_features,
                                       *(p for spec in specs for p in reward_inputs(spec))])
     with owned.lock():
         table, about = _evaluate(store, qa, split, ks, specs, policies, methods, device,
                                  reference_features, reference_cache_gb, present,
-                                 reference_batch)
+                                 reference_batch, statistics)
         write_evaluation(table, owned.path, split, about)
     return table
 
@@ -617,6 +623,7 @@ def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: st
               methods: Sequence[str], device: str | None,
               reference_features: str | None, reference_cache_gb: float,
               present: str | None = None, reference_batch: int = 8,
+              statistics: Statistics = Statistics(),
               ) -> tuple[list[Row], dict[str, Any]]:
     """The table and what it was made with (judges and policies, by label and full id)."""
     corpus = load_corpus(store, qa, pick_device(device))
@@ -646,16 +653,28 @@ def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: st
             spec, corpus, store_shards(store), reference_features, reference_batch,
             cache_gb=reference_cache_gb, present=present))
         for spec in specs]
-    table = evaluate(corpus, rows, selectors, tuple(ks), judges, rewards=rewards)
+    table = evaluate(corpus, rows, selectors, tuple(ks), judges, rewards=rewards,
+                     statistics=statistics)
     names = labels([*(j.id for j in judges), *rewards.values()])
     about = {
         "judges": [{"label": names[j.id], "id": j.id, "spec": spec,
                     "rule": IDEAL_RULE if spec == IDEAL else "the option with the highest "
-                    "logit of the model shown the chosen frames"}
+                    "logit of the model shown the chosen frames",
+                    "ceiling": ceiling_note(j.id, statistics.ceiling_frames)}
                    for spec, j in zip(specs, judges, strict=True)],
+        "statistics": statistics.as_dict(),
         "policies": [{**p, "rewards_by": names.get(p["reward"] or "")} for p in learned],
     }
     return table, about
+
+
+def ceiling_note(judge_id: str, lmm_frames: int) -> str:
+    """How a judge's all-frames ceiling was measured, in words."""
+    cap = ceiling_cap(judge_id, lmm_frames)
+    if judge_id.startswith("lmm:") and not cap:
+        return "not measured (--ceiling-frames 0)"
+    return (f"every candidate frame, at most {cap} (spread uniformly)" if cap
+            else "every candidate frame")
 
 
 def _policy_names(paths: Sequence[str]) -> list[str]:
@@ -690,10 +709,57 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def accuracy_cell(row: Row | None) -> str:
+    """``54.2 [51.6, 56.8]`` (accuracy % and its bootstrap interval), then ``sd 1.1`` (the
+    standard deviation across seeds, when several) and `` *`` when self-judged."""
+    if row is None:
+        return "–"
+    cell = _percent(row.accuracy)
+    if row.ci_low is not None and row.ci_high is not None:
+        cell += f" [{_percent(row.ci_low)}, {_percent(row.ci_high)}]"
+    if row.seed_std is not None:
+        cell += f" sd {_percent(row.seed_std)}"
+    return cell + (" *" if row.self_judged else "")
+
+
+def ceiling_cell(row: Row | None) -> str:
+    """``71.2 (512 frames)``: the judge's all-frames accuracy % and the frames it was shown on
+    average."""
+    if row is None or row.ceiling is None:
+        return "–"
+    frames = "" if row.ceiling_frames is None else \
+        f" ({row.ceiling_frames:.1f}".removesuffix(".0") + " frames)"
+    return _percent(row.ceiling) + frames
+
+
+def _statistics_notes(table: list[Row], about: dict[str, Any] | None) -> list[str]:
+    """What the intervals, the seeds and the ceiling row mean."""
+    stats = (about or {}).get("statistics", {})
+    lines = []
+    if any(r.ci_low is not None for r in table):
+        level = round(100 * stats.get("level", 0.95))
+        lines.append(f"[a, b]: the {level} % percentile bootstrap interval over the questions "
+                     f"({stats.get('resamples', 'several')} resamples, fixed seed).")
+    seeded = list(dict.fromkeys(r.method for r in table if r.seeds > 1))
+    if seeded:
+        seeds = stats.get("seeds")
+        which = f"seeds {', '.join(map(str, seeds))}" if seeds else "several seeds"
+        lines.append(f"{', '.join(seeded)}: the mean over {which}; sd: the standard deviation "
+                     "of its accuracy across them (the interval resamples the questions' "
+                     "seed-averaged scores).")
+    if any(r.ceiling is not None for r in table):
+        lines.append("all frames (ceiling): the judge's accuracy on the same questions when "
+                     "shown every candidate frame (an LMM judge: at most "
+                     f"{stats.get('ceiling_frames', 'a few')}, spread uniformly, fewer when "
+                     "its context holds fewer), with the frames it was shown on average.")
+    return lines + [""] if lines else []
+
+
 def markdown_table(table: list[Row], split: str, about: dict[str, Any] | None = None) -> str:
     """Per question kind (all first): a row per budget and method with its rewards' model,
-    a column of accuracy per judge (a self-judged cell marked *) and the evidence recall; a
-    chance row per judge; with ``about``, the judges' and policies' full identities."""
+    a column of accuracy per judge (with its bootstrap interval and spread across seeds; a
+    self-judged cell marked *) and the evidence recall; a chance row and the all-frames
+    ceiling per judge; with ``about``, the judges' and policies' full identities."""
     ks = sorted({r.k for r in table})
     methods = list(dict.fromkeys(r.method for r in table))
     judges = list(dict.fromkeys(r.judge for r in table))
@@ -703,8 +769,8 @@ def markdown_table(table: list[Row], split: str, about: dict[str, Any] | None = 
     for category in categories:
         mine = [r for r in table if r.category == category]
         n = mine[0].questions
-        lines += [f"### {category} ({split}, {n} questions): accuracy % by judge "
-                  "(evidence recall %)", "",
+        lines += [f"### {category} ({split}, {n} questions): accuracy % [95 % interval] by "
+                  "judge (evidence recall %)", "",
                   "| method | rewards by | k | "
                   + " | ".join(f"acc[judge={j}]" for j in judges) + " | evidence recall |",
                   "|---|---|---:|" + "---:|" * (len(judges) + 1)]
@@ -714,14 +780,17 @@ def markdown_table(table: list[Row], split: str, about: dict[str, Any] | None = 
                 present = [c for c in cells if c is not None]
                 if not present:
                     continue
-                accuracy = [_percent(c.accuracy) + (" *" if c.self_judged else "")
-                            if c else "–" for c in cells]
+                accuracy = [accuracy_cell(c) for c in cells]
                 lines.append(f"| {method} | {present[0].rewards_by or '–'} | {k} | "
                              + " | ".join(accuracy)
                              + f" | {_percent(present[0].evidence_recall)} |")
         chance = {r.judge: r.chance for r in mine}
         lines.append("| chance | – | | " + " | ".join(_percent(chance.get(j)) for j in judges)
                      + " | |")
+        ceiling = {r.judge: r for r in mine if r.ceiling is not None}
+        if ceiling:
+            lines.append("| all frames (ceiling) | – | | "
+                         + " | ".join(ceiling_cell(ceiling.get(j)) for j in judges) + " | |")
         lines.append("")
         if any(r.self_judged for r in mine):
             lines += ["\\* self-judged: this judge is the model that gave the policy its "
@@ -736,8 +805,10 @@ def markdown_table(table: list[Row], split: str, about: dict[str, Any] | None = 
         lines.append(f"Note: {unseen} evidence span(s) of these questions hold no candidate "
                      "frame (no selector can hit them); they are left out of evidence recall.")
         lines.append("")
-    if about:
-        lines += ["Judges:"] + [f"- {j['label']} = `{j['id']}` ({j['rule']})"
+    lines += _statistics_notes(table, about)
+    if about and about.get("judges"):
+        lines += ["Judges:"] + [f"- {j['label']} = `{j['id']}` ({j['rule']}; ceiling: "
+                                f"{j.get('ceiling', 'not measured')})"
                                 for j in about.get("judges", [])]
         lines += [f"- rewards of {p['method']}: `{p['reward'] or 'not recorded'}`"
                   for p in about.get("policies", [])]

@@ -24,27 +24,71 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
     return out
 
 
-def training_curves(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Reward and entropy per step; validation accuracy and evidence recall per budget."""
-    train = [r for r in rows if r.get("kind") == "train"]
+def budget_stages(train: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """The curriculum's stages from the train rows: (first step, last step, budget) of each
+    run of steps with the same largest budget so far, in step order (a cumulative curriculum
+    also draws the smaller budgets within a stage)."""
+    stages: list[tuple[int, int, int]] = []
+    for r in sorted(train, key=lambda r: r["step"]):
+        if stages and r["budget"] <= stages[-1][2]:
+            stages[-1] = (stages[-1][0], r["step"], stages[-1][2])
+        else:
+            stages.append((r["step"], r["step"], r["budget"]))
+    return stages
+
+
+def best_step(val: list[dict[str, Any]]) -> int | None:
+    """The first validation step with the highest mean accuracy over the budgets (the rule
+    the training run keeps its best policy by)."""
+    best, score = None, float("-inf")
+    for r in val:
+        values = [v for key, v in r.items() if key.startswith("accuracy@")]
+        mean = sum(values) / len(values) if values else 0.0
+        if mean > score:
+            best, score = r["step"], mean
+    return best
+
+
+PANELS = (("reward", "reward per budget (mean of the group samples)", "tanh(margin/2)"),
+          ("reward_std", "reward std within the groups", "std"),
+          ("advantage_abs", "mean |advantage|", "|A|"),
+          ("entropy", "policy entropy per pick", "nats"),
+          ("loss", "loss", ""))
+
+
+def training_curves(rows: list[dict[str, Any]], path: Path, best: int | None = None) -> Path:
+    """Per step: reward (a line per budget, smoothed over its raw values), reward std within
+    the groups, mean |advantage|, entropy and loss; validation accuracy and evidence recall per
+    budget. The curriculum's stages are shaded and labelled by their largest k; the best step
+    (``best``, else the best validation by ``best_step``) is marked on every panel."""
+    train = sorted((r for r in rows if r.get("kind") == "train"), key=lambda r: r["step"])
     val = [r for r in rows if r.get("kind") == "val"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["reward"] for r in train], alpha=0.3, color="tab:blue")
-    axes[0].plot(steps, _smooth([r["reward"] for r in train]), color="tab:blue")
-    axes[0].set(title="reward (mean of the group samples)", xlabel="step", ylabel="tanh(margin/2)")
-    axes[1].plot(steps, [r["entropy"] for r in train], color="tab:orange")
-    axes[1].set(title="policy entropy per pick", xlabel="step", ylabel="nats")
+    best = best if best is not None else best_step(val)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    flat = list(axes.flat)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    budgets = sorted({r["budget"] for r in train})
+    colour = {k: colours[i % len(colours)] for i, k in enumerate(budgets)}
+    for ax, (key, title, unit) in zip(flat, PANELS, strict=False):
+        for k in budgets:
+            mine = [r for r in train if r["budget"] == k and r.get(key) is not None]
+            if not mine:
+                continue
+            values = [float(r[key]) for r in mine]
+            steps = [r["step"] for r in mine]
+            ax.plot(steps, values, alpha=0.25, color=colour[k])
+            ax.plot(steps, _smooth(values), color=colour[k], label=f"k={k}")
+        ax.set(title=title, xlabel="step", ylabel=unit)
+    ax = flat[5]
     for key in sorted({k for r in val for k in r if k.startswith(("accuracy@", "evidence"))}):
         style = "-" if key.startswith("accuracy") else "--"
-        axes[2].plot([r["step"] for r in val], [r[key] for r in val], style, marker="o",
-                     markersize=3, label=key)
-    axes[2].set(title="validation (greedy selections)", xlabel="step", ylim=(0, 1))
-    axes[2].legend(fontsize=8)
-    for budget_change in sorted({r["budget"] for r in train})[1:]:
-        first = next(r["step"] for r in train if r["budget"] == budget_change)
-        for ax in axes:
-            ax.axvline(first, color="gray", lw=0.8, ls=":")
+        ax.plot([r["step"] for r in val], [r[key] for r in val], style, marker="o",
+                markersize=3, label=key)
+    ax.set(title="validation (greedy selections)", xlabel="step", ylim=(0, 1))
+    for ax in flat:
+        _mark_stages(ax, budget_stages(train), best)
+    flat[0].legend(fontsize=8)
+    flat[5].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -52,9 +96,23 @@ def training_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _mark_stages(ax: Any, stages: list[tuple[int, int, int]], best: int | None) -> None:
+    """Alternate shading per curriculum stage with its largest budget (``k≤8``) at the top;
+    the best step as a red line."""
+    for i, (first, last, k) in enumerate(stages):
+        ax.axvspan(first - 0.5, last + 0.5, color="gray" if i % 2 else "white", alpha=0.12,
+                   lw=0)
+        ax.text((first + last) / 2, 0.98, f"stage k≤{k}" if i else f"stage k={k}",
+                transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=7,
+                color="dimgray")
+    if best is not None:
+        ax.axvline(best, color="tab:red", lw=1, ls="--", label=f"best (step {best})")
+
+
 def evaluation_chart(table: list[Row], path: Path) -> Path:
-    """All questions: one panel of accuracy per judge (bars per method, grouped by budget,
-    the judge's chance level dashed, self-judged bars hatched), then the evidence recall."""
+    """All questions: one panel of accuracy against the budget per judge (a line per method,
+    error bars its bootstrap interval, hollow markers where self-judged, the judge's chance
+    level dashed and its all-frames ceiling dotted), then the evidence recall."""
     rows = [r for r in table if r.category == ALL]
     methods = list(dict.fromkeys(r.method for r in rows))
     judges = list(dict.fromkeys(r.judge for r in rows))
@@ -64,41 +122,30 @@ def evaluation_chart(table: list[Row], path: Path) -> Path:
     panels = [*judges, None]  # None: evidence recall
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.4),
                              squeeze=False)
-    width = 0.8 / max(1, len(methods))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    spread = 0.25 / max(1, len(methods))  # methods side by side around each budget
     for ax, judge in zip(axes[0], panels, strict=True):
         for i, method in enumerate(methods):
-            cells = [index.get((method, k, judge)) if judge is not None else
-                     next((index[(method, k, j)] for j in judges if (method, k, j) in index),
-                          None) for k in ks]
-            values = [(c.evidence_recall if judge is None else c.accuracy) or 0.0
-                      if c else 0.0 for c in cells]
-            hatch = ["//" if judge is not None and c is not None and c.self_judged else ""
-                     for c in cells]
-            rewards = first[method].rewards_by
-            label = f"{method} (rewards: {rewards})" if rewards else method
-            bars = ax.bar([x + i * width for x in range(len(ks))], values, width,
-                          color=colours[i % len(colours)], label=label)
-            for bar, h in zip(bars, hatch, strict=True):
-                bar.set_hatch(h)
+            _method_line(ax, [index.get((method, k, j)) for k in ks for j in
+                              ([judge] if judge is not None else judges[:1])],
+                         ks, i * spread - 0.125, colours[i % len(colours)], judge is None,
+                         _label(method, first[method].rewards_by))
         if judge is not None:
-            chance = next((r.chance for r in rows if r.judge == judge and r.chance), None)
-            if chance:
-                ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+            _judge_lines(ax, [r for r in rows if r.judge == judge])
             judged = next(r.judged for r in rows if r.judge == judge)
             total = next(r.questions for r in rows if r.judge == judge)
             note = "" if judged == total else f", {judged} of {total} questions"
-            ax.set(title=f"accuracy, judged by {judge}{note}")
+            ax.set(title=f"accuracy, judged by {judge}{note}", ylabel="accuracy (95 % CI)")
         else:
             ax.set(title="evidence recall (no model)")
-        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(ks))],
-                      [f"k={k}" for k in ks])
-        ax.set(ylim=(0, 1))
+        ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
+        ax.set(ylim=(0, 1.05), xlim=(-0.5, len(ks) - 0.5))
     handles, names = axes[0][0].get_legend_handles_labels()
     if any(r.self_judged for r in rows):
-        from matplotlib.patches import Patch
+        from matplotlib.lines import Line2D
 
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//"))
+        handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="white",
+                              markeredgecolor="black"))
         names.append("self-judged (judge = reward model)")
     axes[0][0].legend(handles, names, fontsize=7, ncol=2)
     fig.tight_layout()
@@ -106,6 +153,46 @@ def evaluation_chart(table: list[Row], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _label(method: str, rewards: str | None) -> str:
+    return f"{method} (rewards: {rewards})" if rewards else method
+
+
+def _method_line(ax: Any, cells: list[Row | None], ks: list[int], offset: float, colour: str,
+                 recall: bool, label: str) -> None:
+    """One method's accuracy (or recall) per budget, error bars from its interval."""
+    xs, ys, low, high, hollow = [], [], [], [], []
+    for x, cell in enumerate(cells):
+        value = None if cell is None else (cell.evidence_recall if recall else cell.accuracy)
+        if value is None:
+            continue
+        xs.append(x + offset)
+        ys.append(value)
+        has_ci = not recall and cell.ci_low is not None and cell.ci_high is not None
+        low.append(value - cell.ci_low if has_ci else 0.0)
+        high.append(cell.ci_high - value if has_ci else 0.0)
+        hollow.append(not recall and cell.self_judged)
+    if not xs:
+        return
+    ax.errorbar(xs, ys, yerr=[low, high], color=colour, marker="o", markersize=4, capsize=3,
+                lw=1.2, label=label)
+    for x, y, h in zip(xs, ys, hollow, strict=True):
+        if h:
+            ax.plot([x], [y], marker="o", markersize=6, color=colour, markerfacecolor="white")
+
+
+def _judge_lines(ax: Any, rows: list[Row]) -> None:
+    """The judge's chance level (dashed) and all-frames ceiling (dotted)."""
+    chance = next((r.chance for r in rows if r.chance), None)
+    ceiling = next((r.ceiling for r in rows if r.ceiling is not None), None)
+    for value, style, colour, name in ((chance, "--", "gray", "chance"),
+                                       (ceiling, ":", "black", "all frames (ceiling)")):
+        if value is None:
+            continue
+        ax.axhline(value, color=colour, ls=style, lw=1.2, label=name)
+        ax.text(1.0, value, f" {name} {100 * value:.0f} %", transform=ax.get_yaxis_transform(),
+                ha="right", va="bottom", fontsize=7, color=colour)
 
 
 def per_kind_chart(table: list[Row], k: int, path: Path) -> Path:

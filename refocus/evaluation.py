@@ -7,14 +7,25 @@ Spans that hold no candidate frame cannot be hit by any selector: they are count
 A judge is a reference model (``ModelJudge``: right when its highest option logit is the
 answer) or the ideal observer (``IdealObserver``, no model). Each row says which judge scored
 it and, for a learned policy, which reference gave its rewards, so that a policy scored by the
-model it was trained against is marked (``self_judged``)."""
+model it was trained against is marked (``self_judged``).
+
+Statistics: every accuracy cell carries a 95 % percentile bootstrap interval over its
+questions (``ci_low``, ``ci_high``: the questions resampled with replacement, a fixed seed,
+``RESAMPLES`` times; one seed for every cell, so cells over the same questions are resampled
+alike). A stochastic selector (one with a ``seed``, e.g. random) is run under
+each of several seeds: its cell is the mean over the seeds, the bootstrap resamples the
+questions' seed-averaged scores, and ``seed_std`` is the standard deviation of the accuracy
+across the seeds. ``ceiling`` is the judge's accuracy on the same questions when shown every
+candidate frame (for an LMM judge, at most ``LMM_CEILING_FRAMES`` of them, spread uniformly,
+fewer when its context holds fewer: every frame of a long video costs too much; the frames
+shown on average are ``ceiling_frames``); the ideal observer's ceiling is 1 by its rule."""
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Protocol
 
 import numpy as np
@@ -22,10 +33,16 @@ import torch
 
 from refocus.data import Corpus
 from refocus.rewards import Reference, RewardModel, pad_subsets
-from refocus.selectors import Selector
+from refocus.selectors import Selector, uniform_indices
+from refocus.settings import EVAL_LEVEL as LEVEL
+from refocus.settings import EVAL_RESAMPLES as RESAMPLES
+from refocus.settings import EVAL_SEEDS as SEEDS
+from refocus.settings import LMM_CEILING_FRAMES
+from stores.errors import UserError
 
 ALL = "all"
 IDEAL = "ideal"  # the ideal observer's spec, id and label
+BOOTSTRAP_SEED = 0  # the resampling's seed: the same questions → the same resamples
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,12 @@ class Row:
     chance: float | None = None  # accuracy of a uniform guess over the judged questions
     rewards_by: str | None = None  # label of the reference a learned policy was trained on
     self_judged: bool = False  # the judge is the model that gave this policy its rewards
+    ci_low: float | None = None  # the accuracy's bootstrap interval (None: not computed)
+    ci_high: float | None = None
+    seeds: int = 1  # the seeds the cell averages (1: a deterministic selector)
+    seed_std: float | None = None  # the accuracy's standard deviation across those seeds
+    ceiling: float | None = None  # the judge's accuracy from every frame, same questions
+    ceiling_frames: float | None = None  # the frames it was shown for that, on average
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,13 +167,63 @@ def labels(ids: Sequence[str]) -> dict[str, str]:
     return out
 
 
+# ----------------------------------------------------------------------------- statistics
+
+def bootstrap_interval(scores: Sequence[float], resamples: int = RESAMPLES,
+                       level: float = LEVEL, seed: int = BOOTSTRAP_SEED,
+                       ) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``scores``: ``resamples`` means of
+    as many scores drawn with replacement, their (1 − level)/2 and (1 + level)/2 quantiles."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.size == 0 or resamples < 1:
+        raise ValueError("bootstrap_interval needs scores and at least one resample")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 4_000_000 // x.size)  # bounded memory for long score vectors
+    means = np.concatenate([
+        x[rng.integers(0, x.size, size=(min(chunk, resamples - start), x.size))].mean(axis=1)
+        for start in range(0, resamples, chunk)])
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def seeded(selector: Selector, seeds: Sequence[int]) -> list[Selector]:
+    """The selector once per seed when it draws at random (a dataclass with a ``seed``
+    field), else the selector alone."""
+    stochastic = any(f.name == "seed" for f in fields(selector)) \
+        if hasattr(selector, "__dataclass_fields__") else False
+    return [replace(selector, seed=s) for s in seeds] if stochastic else [selector]  # type: ignore[type-var]
+
+
+@dataclass
+class AllFrames:
+    """Every candidate frame of the question's video (at most ``cap``, spread uniformly):
+    the selection behind a judge's all-frames ceiling. ``k`` is ignored."""
+
+    cap: int | None = None
+    name: str = "all frames"
+
+    def select(self, corpus: Corpus, questions: list[int], k: int) -> list[list[int]]:
+        out = []
+        for q in questions:
+            n = int(corpus.n_frames[corpus.video[q]])
+            out.append(uniform_indices(n, self.cap) if self.cap else list(range(n)))
+        return out
+
+
+def ceiling_cap(judge_id: str, lmm_frames: int | None) -> int | None:
+    """The frames a judge is shown at most for its ceiling: every one, except an LMM judge
+    (``lmm_frames``; 0 or None: the LMM judge gets no ceiling, see ``ceilings``)."""
+    return lmm_frames if judge_id.startswith("lmm:") else None
+
+
 # ----------------------------------------------------------------------------- the table
 
 @dataclass
 class _Tally:
-    """What one (selector, k) collects per question kind."""
+    """What one (selector, k, seed) collects per question kind."""
 
-    judged: dict[tuple[str, str], list[float]]  # (judge id, kind) → per-question scores
+    judged: dict[tuple[str, str], dict[int, float]]  # (judge id, kind) → question → score
     chance: dict[tuple[str, str], list[float]]
     recall: dict[str, list[float]]
     frames: dict[str, list[int]]
@@ -158,14 +231,31 @@ class _Tally:
 
     @classmethod
     def empty(cls) -> _Tally:
-        return cls(defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(list),
+        return cls(defaultdict(dict), defaultdict(list), defaultdict(list), defaultdict(list),
                    defaultdict(int))
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """How the cells' uncertainty is measured: the bootstrap (``resamples`` 0: none), the
+    seeds a stochastic selector runs under, the LMM judges' ceiling cap (0: no ceiling for
+    them; the ideal observer and the reader always get one)."""
+
+    resamples: int = RESAMPLES
+    level: float = LEVEL
+    seeds: tuple[int, ...] = SEEDS
+    ceiling_frames: int = LMM_CEILING_FRAMES
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "bootstrap_seed": BOOTSTRAP_SEED,
+                "interval": "percentile bootstrap over questions"}
 
 
 @torch.no_grad()
 def evaluate(corpus: Corpus, questions: list[int], selectors: list[Selector],
              ks: tuple[int, ...], judges: Sequence[Judge] | RewardModel, batch_size: int = 256,
-             rewards: Mapping[str, str] | None = None) -> list[Row]:
+             rewards: Mapping[str, str] | None = None,
+             statistics: Statistics = Statistics()) -> list[Row]:
     """Rows per selector, budget, kind (``all`` first) and judge. ``judges``: the judges (a
     ``RewardModel`` alone is its reference as the one judge); ``rewards``: per learned
     selector's name, the id of the reference that gave it its rewards."""
@@ -173,28 +263,78 @@ def evaluate(corpus: Corpus, questions: list[int], selectors: list[Selector],
         judges = [ModelJudge(judges.reference)]
     rewards = dict(rewards or {})
     names = labels([*(j.id for j in judges), *rewards.values()])
+    top = ceilings(corpus, questions, judges, statistics.ceiling_frames, batch_size)
     rows: list[Row] = []
     for selector in selectors:
         trained_on = rewards.get(selector.name)
+        runs = seeded(selector, statistics.seeds)
         for k in ks:
-            tally = _collect(corpus, questions, selector, k, judges, batch_size)
-            for category in [ALL, *sorted(c for c in tally.frames if c != ALL)]:
+            tallies = [_collect(corpus, questions, run, k, judges, batch_size) for run in runs]
+            first = tallies[0]
+            for category in [ALL, *sorted(c for c in first.frames if c != ALL)]:
                 for judge in judges:
-                    scored = tally.judged[(judge.id, category)]
-                    if not scored:  # e.g. the ideal observer on a kind without evidence
+                    key = (judge.id, category)
+                    if not first.judged[key]:  # e.g. the ideal observer on a kind without spans
                         continue
-                    chance = tally.chance[(judge.id, category)]
+                    accuracy, low, high, seeds, spread = _accuracy(tallies, key, statistics)
                     rows.append(Row(
-                        selector.name, k, category, len(tally.frames[category]),
-                        float(np.mean(scored)),
-                        float(np.mean(tally.recall[category])) if tally.recall[category]
-                        else None,
-                        float(np.mean(tally.frames[category])), tally.unseen[category],
-                        names[judge.id], len(scored),
-                        float(np.mean(chance)),
-                        names[trained_on] if trained_on else None,
-                        trained_on == judge.id))
+                        selector.name, k, category, len(first.frames[category]), accuracy,
+                        _pooled_mean([t.recall[category] for t in tallies]),
+                        _pooled_mean([t.frames[category] for t in tallies]) or 0.0,
+                        first.unseen[category], names[judge.id], len(first.judged[key]),
+                        float(np.mean(first.chance[key])),
+                        names[trained_on] if trained_on else None, trained_on == judge.id,
+                        ci_low=low, ci_high=high, seeds=seeds, seed_std=spread,
+                        ceiling=top[key][0] if key in top else None,
+                        ceiling_frames=top[key][1] if key in top else None))
     return rows
+
+
+def _accuracy(tallies: list[_Tally], key: tuple[str, str], statistics: Statistics,
+              ) -> tuple[float, float | None, float | None, int, float | None]:
+    """Accuracy (mean over seeds), its bootstrap interval over the questions' seed-averaged
+    scores, the seeds and the accuracy's standard deviation across them."""
+    per_seed = [t.judged[key] for t in tallies]
+    averaged = [float(np.mean([s[q] for s in per_seed])) for q in per_seed[0]]
+    low = high = None
+    if statistics.resamples:
+        low, high = bootstrap_interval(averaged, statistics.resamples, statistics.level)
+    accuracies = [float(np.mean(list(s.values()))) for s in per_seed]
+    spread = float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else None
+    return float(np.mean(averaged)), low, high, len(tallies), spread
+
+
+def _pooled_mean(per_seed: Sequence[Sequence[float]]) -> float | None:
+    """The mean of the seeds' values pooled (None when there are none)."""
+    pooled = [v for values in per_seed for v in values]
+    return float(np.mean(pooled)) if pooled else None
+
+
+def ceilings(corpus: Corpus, questions: list[int], judges: Sequence[Judge],
+             lmm_frames: int | None, batch_size: int,
+             ) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per (judge id, kind): the judge's accuracy when shown every candidate frame, over the
+    questions it scores, and the frames it was shown on average. An LMM judge sees at most
+    ``lmm_frames`` (none: no ceiling), halved until its prompt fits its context."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    batch = max(1, batch_size // 8)  # long selections: fewer questions per forward
+    for judge in judges:
+        lmm = judge.id.startswith("lmm:")
+        cap = ceiling_cap(judge.id, lmm_frames)
+        if lmm and not cap:
+            continue
+        while True:
+            try:
+                tally = _collect(corpus, questions, AllFrames(cap), 0, [judge], batch)
+                break
+            except UserError:  # e.g. more frames than the LMM's context holds
+                if not lmm or not cap or cap == 1:
+                    raise
+                cap //= 2
+        out.update({key: (float(np.mean(list(scores.values()))),
+                          float(np.mean(tally.frames[key[1]])))
+                    for key, scores in tally.judged.items() if scores})
+    return out
 
 
 def _collect(corpus: Corpus, questions: list[int], selector: Selector, k: int,
@@ -212,8 +352,9 @@ def _collect(corpus: Corpus, questions: list[int], selector: Selector, k: int,
                 if r is not None:
                     tally.recall[category].append(r)
                 for judge_id, per_question in scores.items():
-                    if per_question[i] is not None:
-                        tally.judged[(judge_id, category)].append(per_question[i])
+                    score = per_question[i]
+                    if score is not None:
+                        tally.judged[(judge_id, category)][question] = score
                         tally.chance[(judge_id, category)].append(
                             1 / n_options(corpus, question))
     return tally

@@ -8,6 +8,12 @@ from typing import Any
 
 VAL_SPLIT = "val"  # the split whose questions choose a training run's best checkpoint
 
+# refocus eval's statistics (refocus/evaluation.py)
+EVAL_RESAMPLES = 1000  # bootstrap resamples per accuracy cell, --resamples
+EVAL_LEVEL = 0.95  # the bootstrap interval's coverage
+EVAL_SEEDS = (0,)  # the seeds a stochastic selector runs under, --seeds
+LMM_CEILING_FRAMES = 64  # the most frames an LMM judge sees for its ceiling, --ceiling-frames
+
 # The reference LMM's per-frame vision features (refocus/lmm_reference.py)
 REFERENCE_CACHE_GB = 8.0  # on the model's device (GPU), --reference-cache-gb
 REFERENCE_HOST_CACHE_GB = 32.0  # in host memory (pinned when CUDA is present)

@@ -87,8 +87,14 @@ def test_the_ideal_observer_matches_a_hand_computed_case():
     # the recall is the judge's rule counted per span: 1, 0, 1/2 (and 0 for the last question
     # has no span with a frame: left out)
     assert everything.evidence_recall == pytest.approx((1 + 0 + 1 / 2) / 3)
+    # the exact bootstrap distribution of a mean of three draws from (1, 1/5, 1/2) puts 1/27
+    # (3.7 %, more than each 2.5 % tail) on all three being 1/5 and on all three being 1:
+    # the 95 % percentile interval is [1/5, 1]
+    assert (everything.ci_low, everything.ci_high) == (pytest.approx(0.2), pytest.approx(1.0))
+    assert everything.ceiling == 1.0  # every frame shown: every span with a frame is hit
     table = markdown_table(rows, "test")
-    assert "| fixed | – | 2 | 56.7 | 50.0 |" in table  # accuracy, recall (%)
+    assert "| fixed | – | 2 | 56.7 [20.0, 100.0] | 50.0 |" in table  # accuracy, recall (%)
+    assert "| all frames (ceiling) | – | | 100.0 (10 frames) | |" in table
     assert "| chance | – | | 31.7 | |" in table
     assert "ideal scores 3 of the 5 questions (those with an evidence span" in table
 
@@ -145,6 +151,22 @@ def ideal_by_hand(synth_store: Path, k: int) -> float:
     return float(np.mean(scores))
 
 
+def reader_on_every_frame(store: str, reader: Path) -> float:
+    """The reader's accuracy on the test questions from all of each video's frames."""
+    from pipelines.learn import load_corpus, load_reader
+    from refocus.reader import read
+
+    corpus, model = load_corpus(store, None), load_reader(reader)
+    right = []
+    with torch.no_grad():
+        for q in corpus.rows("test"):
+            n = int(corpus.n_frames[corpus.video[q]])
+            logits = read(model, corpus, torch.tensor([q]), torch.arange(n)[None])[0]
+            options = int(corpus.option_valid[q].sum())
+            right.append(int(logits[:options].argmax()) == int(corpus.answer[q]))
+    return float(np.mean(right))
+
+
 def test_eval_with_two_judges_names_the_reward_model_and_marks_self_judging(
         synth_store, trained, tmp_path, capsys):
     reader, run = trained
@@ -170,6 +192,12 @@ def test_eval_with_two_judges_names_the_reward_model_and_marks_self_judging(
         ideal = next(r for r in overall if (r["method"], r["k"], r["judge"])
                      == ("uniform", str(k), "ideal"))
         assert float(ideal["accuracy"]) == pytest.approx(ideal_by_hand(synth_store, k))
+    # the all-frames ceilings: the ideal observer's is 1 by its rule; the reader's, its own
+    # answers when shown every candidate frame of each test question, one at a time
+    expected = {"ideal": 1.0, "reader": reader_on_every_frame(store, reader)}
+    for r in overall:
+        assert float(r["ceiling"]) == pytest.approx(expected[r["judge"]])
+        assert float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"])
     # the full identities: the reader by its weights' digest, as the run recorded its reward
     digest = hashlib.sha256((reader / "weights.safetensors").read_bytes()).hexdigest()[:16]
     about = json.loads((out / "eval.json").read_text())
@@ -266,6 +294,25 @@ def test_a_tiny_lmm_judges_beside_the_ideal_observer(synth_store, tmp_path, monk
             right[k].append(int(torch.argmax(logits[:len(corpus.options_text[q])])) ==
                             int(corpus.answer[q]))
     assert 0 < sum(map(sum, right.values())) < 8 * len(ks)  # neither always right nor wrong
+    # the ceiling: 64 frames do not fit the tiny model's context, so fewer, halved until they
+    # fit; the scorer's own answers from that many frames, spread uniformly
+    row = next(r for r in table if r.judge == "lmm:tiny-vlm" and r.category == "all")
+    lengths = [len(frames.images(corpus.video_ids[int(corpus.video[q])]))
+               for q in corpus.rows("test")]
+    cap = next(c for c in (64, 32, 16, 8, 4, 2, 1)
+               if np.mean([min(n, c) for n in lengths]) == pytest.approx(row.ceiling_frames))
+    assert cap < 64 < max(lengths)
+    on_all = []
+    for q in corpus.rows("test"):
+        video = corpus.video_ids[int(corpus.video[q])]
+        images, times = frames.images(video), shards.read(video).meta["timestamps"]
+        chosen = uniform_indices(len(images), cap)
+        logits = scorer.logits_from_images([Item(
+            corpus.text[q], corpus.options_text[q], [images[i] for i in chosen],
+            [times[i] for i in chosen])])[0]
+        on_all.append(int(torch.argmax(logits[:len(corpus.options_text[q])]))
+                      == int(corpus.answer[q]))
+    assert row.ceiling == pytest.approx(np.mean(on_all))
     for k in ks:
         assert len(right[k]) == 8
         assert accuracy[("uniform", k, "lmm:tiny-vlm")] == pytest.approx(np.mean(right[k]))

@@ -334,13 +334,33 @@ JUDGE_HELP = ("a judge of the accuracy (repeat for several): ideal (the ideal ob
               "guess), reader:PATH or lmm:MODEL as for --reward")
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    """``N``: seeds 0 … N−1; ``S,S,...`` (a comma: ``3,`` is seed 3 alone): those seeds."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or seeds like 0,1,2, got {text!r}") \
+            from None
+    if "," not in text:
+        values = tuple(range(values[0])) if values and values[0] >= 1 else ()
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"expected a count N ≥ 1 or distinct seeds ≥ 0 like 0,1,2, got {text!r}")
+    return values
+
+
 def add_eval(sub: argparse._SubParsersAction) -> None:
+    from refocus.settings import EVAL_RESAMPLES, EVAL_SEEDS, LMM_CEILING_FRAMES
+
     p = add_command(
         sub, "eval", "compare frame selectors: accuracy per judge and evidence recall",
         "Select k frames per question with each method — uniform, random, CLIP top-k, BOLT,\n"
         "AKS-like and learned policies — and report each judge's accuracy from those\n"
         "frames and the evidence recall, per budget and question kind. Tables and plots\n"
-        "name the model that gave each policy its rewards and mark self-judged cells.\n\n"
+        "name the model that gave each policy its rewards and mark self-judged cells.\n"
+        "Each accuracy carries its 95 % bootstrap interval over the questions, random is\n"
+        "averaged over --seeds (with its spread), and each judge's all-frames ceiling is\n"
+        "a row of its own.\n\n"
         "examples:\n"
         "  refocus eval --store data/features --split test --k 4,8,16 \\\n"
         "      --judge reader:runs/reader --judge ideal --policy runs/policy --out runs/eval\n"
@@ -360,19 +380,34 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="baselines (default: uniform random clip-top-k bolt aks)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write eval.md, eval.csv and eval.png here")
+    p.add_argument("--seeds", type=_seeds, default=",".join(map(str, EVAL_SEEDS)) + ",",
+                   metavar="N|S,S,...",
+                   help="run stochastic selectors (random) under N seeds (0 … N-1) or these "
+                   "seeds (3, is seed 3 alone): mean and spread across them")
+    p.add_argument("--resamples", type=non_negative_int, default=EVAL_RESAMPLES, metavar="R",
+                   help="bootstrap resamples of the questions per accuracy cell for its 95 %% "
+                   "interval (0: no intervals)")
+    p.add_argument("--ceiling-frames", type=non_negative_int, default=LMM_CEILING_FRAMES,
+                   metavar="M", help="the most frames (spread uniformly) an lmm: judge is "
+                   "shown for its all-frames ceiling (0: no ceiling for it; the other judges "
+                   "see every frame)")
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from pipelines.learn import evaluate_stage, markdown_table
+    from refocus.evaluation import Statistics
     from refocus.selectors import BASELINES
 
     methods = args.methods if args.methods is not None else list(BASELINES)
+    statistics = Statistics(resamples=args.resamples, seeds=args.seeds,
+                            ceiling_frames=args.ceiling_frames)
     table = evaluate_stage(args.store, args.qa, args.split, args.k, args.reward, args.policy,
                            methods, args.out, args.device, args.reference_features,
                            args.reference_cache_gb, args.present, judges=args.judge,
-                           reference_batch=args.reference_batch)
-    console.out.print(markdown_table([r for r in table if r.category == "all"], args.split))
+                           reference_batch=args.reference_batch, statistics=statistics)
+    console.out.print(markdown_table([r for r in table if r.category == "all"], args.split,
+                                     {"statistics": statistics.as_dict()}))
     if args.out:
         console.out.print(f"per question kind: {args.out / 'eval.md'}; also eval.csv, eval.json "
                           "(judges' full identities), eval.png")
