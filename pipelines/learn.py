@@ -404,13 +404,13 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     reward_model = RewardModel(ref, cache)
     policy_config = PolicyConfig(dim=corpus.frame_embedding.shape[1], hidden=run.hidden,
                                  layers=run.layers)
-    trainer = GRPOTrainer(corpus, reward_model, settings, policy_config, surrogate)
+    trainer = GRPOTrainer(corpus, reward_model, settings, policy_config, surrogate,
+                          state=(saved.tensors, saved.meta) if saved is not None else None)
     metrics = checkpoints.MetricsLog(out_dir / "metrics.jsonl") if main else None
     best = {"score": -1.0, "step": 0, "validation": {}}
     best_weights = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     standing_on = checkpoints.CHECKPOINT  # the checkpoint copy the run was loaded from
     if saved is not None:
-        trainer.load_state(saved.tensors, saved.meta)
         best = saved.meta["best"]
         best_weights = {k[len("best."):]: v for k, v in saved.tensors.items()
                         if k.startswith("best.")}

@@ -347,7 +347,10 @@ def window_filter(corpus: Corpus, questions: list[int], reward_model: RewardMode
 class GRPOTrainer:
     def __init__(self, corpus: Corpus, reward_model: RewardModel, settings: GRPOSettings,
                  policy_config: PolicyConfig | None = None,
-                 surrogate: RewardModel | None = None) -> None:
+                 surrogate: RewardModel | None = None,
+                 state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
+        """``state``: what ``state()`` returned, to resume from (the data filter is then not
+        run again: the saved questions are the filtered ones)."""
         self.corpus = corpus
         self.reward_model = reward_model
         self.surrogate = surrogate
@@ -377,7 +380,9 @@ class GRPOTrainer:
         if not self.questions:
             raise ValueError("no training questions (split 'train')")
         self.filter_stats: dict[str, Any] = {}
-        if s.filter_threshold is not None:
+        if state is not None:  # a resumed run: its filtered questions come with it
+            self.load_state(*state)
+        elif s.filter_threshold is not None:
             self.questions = self._filter(s.filter_threshold)
 
     def _filter(self, threshold: float) -> list[int]:

@@ -213,6 +213,11 @@ def test_the_trainer_filters_on_the_margin_and_keeps_its_statistics():
     assert stats["statistic"] == "margin" and stats["before"] == 5 and stats["after"] == 3
     assert stats["mean_variance"] == pytest.approx(np.mean(variances), rel=1e-6)
     assert stats["threshold"] == 0.2 and stats["windows"] == 4
+    # resuming from the saved state keeps the filtered questions without scoring again
+    again = RewardModel(WindowMargins(values))
+    resumed = GRPOTrainer(corpus, again, settings, state=trainer.state())
+    assert resumed.questions == [1, 2, 3] and resumed.filter_stats == stats
+    assert again.counts.subsets == 0 and trainer.reward_model.counts.subsets == 5 * 4
     with pytest.raises(ValueError, match="kept no question"):
         GRPOTrainer(corpus, RewardModel(WindowMargins(values)),
                     GRPOSettings(**{**settings.as_dict(), "filter_threshold": 50.0}))
