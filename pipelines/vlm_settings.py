@@ -38,6 +38,11 @@ class VLMSettings:
     # share of a batch at first, falling to a fifth of it by ground_until of the later steps
     ground_share: float = 0.5
     ground_until: float = 0.5
+    fresh_share: float = 0.75  # of question examples: a fresh question of the video's plan
+    # stage 1, before any question: the projector alone learns to put each frame's class
+    # token on the word embeddings of what it shows (colour + shape; "frame" when empty)
+    align_steps: int = 400
+    align_frames: int = 256  # frames per alignment step
     max_frames: int = 6  # of a random or evidence + random subset
     eval_every: int = 100
     eval_questions: int = 128  # validation questions measured during training
