@@ -451,14 +451,18 @@ def draw(ex: Example, times: Sequence[float], progress: float, s: VLMSettings,
 class Batcher:
     """Token ids of (example, frames) pairs, assembled by the scorer's own prompt and
     per-frame snippet (so training sees exactly what scoring sends), and the frames'
-    cached tower features."""
+    cached tower features. ``class_only``: each frame as its class token alone (a short
+    sequence; training's second stage), else as the scorer sends it (every token)."""
 
     def __init__(self, scorer: Any, cache: VisionCache) -> None:
         self.scorer, self.cache = scorer, cache
+        self.class_only = False
 
     def ids(self, ex: Example, frames: list[int]) -> list[int]:
         times = [self.cache.times[ex.video][i] for i in frames]
         raw = self.scorer._prompt_ids(ex.question, ex.options, times)
+        if self.class_only:
+            return raw  # one image token per frame
         multi = self.scorer.as_multi(len(frames))
         snippet = self.scorer._snippet(self.cache.sizes[ex.video], multi)
         return self.scorer._expand(raw, [snippet.ids] * len(frames))
@@ -474,7 +478,8 @@ class Batcher:
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        stacked = [self.cache.features[ex.video][frames] for ex, frames in batch if frames]
+        stacked = [self.cache.features[ex.video][frames][:, :1 if self.class_only else None]
+                   for ex, frames in batch if frames]
         if stacked:
             tower = torch.cat(stacked).float()
             projected = model.model.multi_modal_projector(tower)
@@ -589,12 +594,13 @@ def alignment_data(model: Any, tokenizer: Any, examples: Sequence[Example],
         ids = tokenizer.convert_tokens_to_ids(list(words))
         return table[ids].sum(0)
 
+    shows: dict[int, dict[int, str]] = {}
+    for ex in examples:
+        shows.setdefault(ex.video, {}).update((f, name) for name, fs in ex.events for f in fs)
     frames, targets, names = [], [], []
-    for video in sorted({ex.video for ex in examples}):
-        shows = {f: name for ex in examples if ex.video == video for name, fs in ex.events
-                 for f in fs}
+    for video in sorted(shows):
         for f in range(len(cache.times[video])):
-            name = shows.get(f, ALIGN_BLANK)
+            name = shows[video].get(f, ALIGN_BLANK)
             frames.append((video, f))
             targets.append(vector(name.split()))
             names.append(name)
@@ -749,6 +755,7 @@ def _train_vlm(owned: Any, s: VLMSettings, say: Callable[[str], None],
     clock = time.perf_counter() - seconds
     while step < s.steps and time.perf_counter() - clock < s.minutes * 60:
         batch = batch_at(step, train, cache, s)
+        batcher.class_only = step < s.pick_steps + s.class_steps
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, s)
         optimizer.zero_grad(set_to_none=True)
@@ -761,10 +768,12 @@ def _train_vlm(owned: Any, s: VLMSettings, say: Callable[[str], None],
                     "seconds": round(elapsed, 1)})
         if step % s.eval_every == 0 or step == s.steps:
             accuracy = quick_accuracy(model, batcher, val, cache)
-            log.append({"kind": "val", "step": step, **accuracy})
+            log.append({"kind": "val", "step": step, **accuracy,
+                        "frame_tokens": "class" if batcher.class_only else "all"})
             say(f"step {step}/{s.steps}  loss {loss:.3f}  "
                 + "  ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
-                + f"  ({elapsed:.0f} s, {step / max(elapsed, 1e-9):.2f} steps/s)")
+                + f"  ({elapsed:.0f} s, {step / max(elapsed, 1e-9):.2f} steps/s"
+                + (", class tokens only)" if batcher.class_only else ")"))
         if step % s.checkpoint_every == 0:
             save_state(owned, model, optimizer, step, elapsed)
     seconds = time.perf_counter() - clock

@@ -43,6 +43,9 @@ class VLMSettings:
     # token on the word embeddings of what it shows (colour + shape; "frame" when empty)
     align_steps: int = 400
     align_frames: int = 256  # frames per alignment step
+    # stage 2: after the "Pick X." steps, this many steps show each frame as its class token
+    # alone (short sequences: the language model learns the questions fast), then every token
+    class_steps: int = 0
     max_frames: int = 6  # of a random or evidence + random subset
     eval_every: int = 100
     eval_questions: int = 128  # validation questions measured during training
