@@ -12,9 +12,15 @@
 * **Training** (``train_vlm``, ``refocus train-vlm``) — its own synthetic corpus (another seed
   than the demo's), ingested with the default settings so the frames are the shard JPEGs the
   reward path reads; the frozen tower runs once over every candidate frame and the projector
-  and language model train from that cache: text-only "Pick X." examples first (letters link
-  to options), then evidence frames in time order, then random and evenly spaced subsets mixed
-  in (the answer stays the true one: without the evidence the model should be unsure).
+  and language model train from that cache. Stage 1 (``align_projector``): the projector
+  alone puts each frame's class token on the word embeddings of what the frame shows (and
+  every patch token on one fixed word's), so frames read like words. Then text-only
+  "Pick X." examples (letters link to options); then questions, each frame shown as its
+  class token alone (short sequences, fast steps), and at last as every token, as the
+  scorer sends it: evidence frames in time order first, then random and evenly spaced
+  subsets mixed in (the answer stays the true one: without the evidence the model should
+  be unsure). Most questions are drawn anew from the video's synthetic plan
+  (``fresh_question``), so 180 videos teach more than their few manifest questions.
   Resumable (a checkpoint in the output folder), with ``metrics.jsonl``, ``training.png``,
   ``report.json`` and ``README.md``; the model lands in ``DIR/model`` (``save_pretrained``)
   and is measured on the validation split through ``LMMScorer`` itself.

@@ -142,9 +142,11 @@ def test_train_vlm_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, monk
     import pipelines.vlm as vlm
 
     tiny = TextSettings(hidden=32, layers=1, heads=2, intermediate=64)
-    settings = VLMSettings(videos=6, seed=5, duration=(13.0, 14.0), steps=4, pick_steps=2,
-                           batch_size=4, micro_batch=2, text=tiny, eval_every=2,
-                           checkpoint_every=2, eval_questions=4, threads=1)
+    # step 3 is the first to show every token of a frame (the cut run resumes across it)
+    settings = VLMSettings(videos=6, seed=5, duration=(13.0, 14.0), steps=4, pick_steps=1,
+                           class_steps=1, align_steps=20, batch_size=4, micro_batch=2,
+                           text=tiny, eval_every=2, checkpoint_every=2, eval_questions=4,
+                           threads=1)
     whole = train_vlm(tmp_path / "whole", settings, say=lambda line: None)
     assert whole["steps"] == 4 and (tmp_path / "whole" / "training.png").is_file()
     # the same prepared corpus, shards and vision cache; stopped after step 2's checkpoint
