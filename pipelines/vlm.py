@@ -12,9 +12,15 @@
 * **Training** (``train_vlm``, ``refocus train-vlm``) — its own synthetic corpus (another seed
   than the demo's), ingested with the default settings so the frames are the shard JPEGs the
   reward path reads; the frozen tower runs once over every candidate frame and the projector
-  and language model train from that cache: text-only "Pick X." examples first (letters link
-  to options), then evidence frames in time order, then random and evenly spaced subsets mixed
-  in (the answer stays the true one: without the evidence the model should be unsure).
+  and language model train from that cache. Stage 1 (``align_projector``): the projector
+  alone puts each frame's class token on the word embeddings of what the frame shows (and
+  every patch token on one fixed word's), so frames read like words. Then text-only
+  "Pick X." examples (letters link to options); then questions, each frame shown as its
+  class token alone (short sequences, fast steps), and at last as every token, as the
+  scorer sends it: evidence frames in time order first, then random and evenly spaced
+  subsets mixed in (the answer stays the true one: without the evidence the model should
+  be unsure). Most questions are drawn anew from the video's synthetic plan
+  (``fresh_question``), so 180 videos teach more than their few manifest questions.
   Resumable (a checkpoint in the output folder), with ``metrics.jsonl``, ``training.png``,
   ``report.json`` and ``README.md``; the model lands in ``DIR/model`` (``save_pretrained``)
   and is measured on the validation split through ``LMMScorer`` itself.
@@ -244,6 +250,10 @@ class Example:
     spans: list[list[int]]  # per evidence span, the local frames inside it
     # the video's events, (name, local frames showing it): single-frame grounding examples
     events: list[tuple[str, list[int]]] = field(default_factory=list)
+    # the video's synthetic plan (``pipelines.synth.Event``s, in order) and its frame rate:
+    # fresh questions of the world's own kinds are drawn from it (``fresh_question``)
+    plan: tuple[Any, ...] = ()
+    fps: int = 0
 
 
 @dataclass
@@ -307,10 +317,10 @@ def examples_of(manifest_path: Path, cache: VisionCache) -> dict[str, list[Examp
 
     index = {v: i for i, v in enumerate(cache.ids)}
     manifest = read_manifest(manifest_path)
-    events = {index[v.id]: [(f"{e['colour']} {e['shape']}",
-                             frames_in(cache.times[index[v.id]], *e["span"]))
-                            for e in (v.meta or {}).get("events", [])]
-              for v in manifest.videos if v.id in index}
+    videos = {index[v.id]: v.meta or {} for v in manifest.videos if v.id in index}
+    events = {i: [(f"{e['colour']} {e['shape']}", frames_in(cache.times[i], *e["span"]))
+                  for e in meta.get("events", [])] for i, meta in videos.items()}
+    plans = {i: plan_of(meta) for i, meta in videos.items()}
     out: dict[str, list[Example]] = {}
     for q in manifest.questions:
         if q.video_id not in index:
@@ -319,8 +329,39 @@ def examples_of(manifest_path: Path, cache: VisionCache) -> dict[str, list[Examp
         spans = [frames_in(cache.times[v], a, b) for a, b in q.evidence]
         out.setdefault(q.split or "train", []).append(Example(
             q.question, list(q.options), q.answer, q.category or "", v, spans,
-            events.get(v, [])))
+            events.get(v, []), plans[v], int(videos[v].get("fps", 0))))
     return out
+
+
+def plan_of(meta: dict[str, Any]) -> tuple[Any, ...]:
+    """The synthetic events of a video's manifest row (empty for another corpus)."""
+    from pipelines.synth import Event
+
+    keys = ("colour", "shape", "first", "frames", "x", "y", "size")
+    return tuple(Event(**{k: e[k] for k in keys}) for e in meta.get("events", [])
+                 if all(k in e for k in keys))
+
+
+def fresh_question(ex: Example, times: Sequence[float], rng: np.random.Generator,
+                   ) -> Example | None:
+    """A question of the world's own kinds about ``ex``'s video, drawn anew (options and
+    their order too) by the synthetic world's generator, with its evidence as local frames:
+    a training video then teaches far more than its few manifest questions (None: the video
+    has no synthetic plan or supports no question)."""
+    from pipelines.synth import candidate_questions
+
+    if not ex.plan or not ex.fps:
+        return None
+    candidates = candidate_questions(rng, ex.plan)
+    if not candidates:
+        return None
+    kinds = sorted({q.kind for q in candidates})
+    kind = kinds[int(rng.integers(len(kinds)))]
+    mine = [q for q in candidates if q.kind == kind]
+    q = mine[int(rng.integers(len(mine)))]
+    spans = [frames_in(times, *e.span(ex.fps)) for e in q.evidence]
+    return Example(q.question, list(q.options), q.answer, q.kind, ex.video, spans, ex.events,
+                   ex.plan, ex.fps)
 
 
 def frames_in(times: Sequence[float], start: float, end: float) -> list[int]:
@@ -385,7 +426,7 @@ def pick_example(ex: Example, rng: np.random.Generator) -> Example:
                    ex.video, [])
 
 
-def draw(ex: Example, frames: int, progress: float, s: VLMSettings,
+def draw(ex: Example, times: Sequence[float], progress: float, s: VLMSettings,
          rng: np.random.Generator) -> tuple[Example, list[int]]:
     """One training example at ``progress`` (0..1) of the steps after the text-only ones:
     (example, local frames)."""
@@ -396,10 +437,13 @@ def draw(ex: Example, frames: int, progress: float, s: VLMSettings,
         ground = ground_example(ex, rng)
         if ground is not None:
             return ground
+    if rng.random() < s.fresh_share:
+        ex = fresh_question(ex, times, rng) or ex
     evidence = evidence_frames(ex, rng)
     roll = rng.random() if progress >= s.evidence_until else 0.0
     if evidence and roll < 0.4:
         return ex, evidence
+    frames = len(times)
     k = int(rng.integers(1, s.max_frames + 1))
     if evidence and roll < 0.65:
         return ex, random_frames(frames, max(k, len(evidence)), rng, evidence)
@@ -413,14 +457,18 @@ def draw(ex: Example, frames: int, progress: float, s: VLMSettings,
 class Batcher:
     """Token ids of (example, frames) pairs, assembled by the scorer's own prompt and
     per-frame snippet (so training sees exactly what scoring sends), and the frames'
-    cached tower features."""
+    cached tower features. ``class_only``: each frame as its class token alone (a short
+    sequence; training's second stage), else as the scorer sends it (every token)."""
 
     def __init__(self, scorer: Any, cache: VisionCache) -> None:
         self.scorer, self.cache = scorer, cache
+        self.class_only = False
 
     def ids(self, ex: Example, frames: list[int]) -> list[int]:
         times = [self.cache.times[ex.video][i] for i in frames]
         raw = self.scorer._prompt_ids(ex.question, ex.options, times)
+        if self.class_only:
+            return raw  # one image token per frame
         multi = self.scorer.as_multi(len(frames))
         snippet = self.scorer._snippet(self.cache.sizes[ex.video], multi)
         return self.scorer._expand(raw, [snippet.ids] * len(frames))
@@ -436,7 +484,8 @@ class Batcher:
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        stacked = [self.cache.features[ex.video][frames] for ex, frames in batch if frames]
+        stacked = [self.cache.features[ex.video][frames][:, :1 if self.class_only else None]
+                   for ex, frames in batch if frames]
         if stacked:
             tower = torch.cat(stacked).float()
             projected = model.model.multi_modal_projector(tower)
@@ -463,7 +512,7 @@ def batch_at(step: int, train: list[Example], cache: VisionCache, s: VLMSettings
     rng = np.random.default_rng([s.seed, step])
     progress = (step - s.pick_steps) / max(1, s.steps - s.pick_steps)  # < 0: text only
     chosen = rng.choice(len(train), size=min(s.batch_size, len(train)), replace=False)
-    return [draw(train[i], len(cache.times[train[i].video]), progress, s, rng) for i in chosen]
+    return [draw(train[i], cache.times[train[i].video], progress, s, rng) for i in chosen]
 
 
 def accumulate(model: Any, batcher: Batcher, batch: list[tuple[Example, list[int]]],
@@ -535,6 +584,77 @@ def standardise_projector(model: Any, cache: VisionCache, frames: int = 4096) ->
     weight = first.weight / std
     first.bias -= weight @ mean
     first.weight.copy_(weight)
+
+
+ALIGN_BLANK = "frame"  # the word an empty frame's class token and every patch token go to
+
+
+def alignment_data(model: Any, tokenizer: Any, examples: Sequence[Example],
+                   cache: VisionCache) -> tuple[list[tuple[int, int]], torch.Tensor, list[str]]:
+    """Every frame of the examples' videos, (video, frame), with the word embeddings its
+    class token should land on: colour + shape of the event it shows, else ``ALIGN_BLANK``'s
+    (the rows of ``[frames, width]``), and the name of each frame's content."""
+    table = model.get_input_embeddings().weight.detach()
+
+    def vector(words: Sequence[str]) -> torch.Tensor:
+        ids = tokenizer.convert_tokens_to_ids(list(words))
+        return table[ids].sum(0)
+
+    shows: dict[int, dict[int, str]] = {}
+    for ex in examples:
+        shows.setdefault(ex.video, {}).update((f, name) for name, fs in ex.events for f in fs)
+    frames, targets, names = [], [], []
+    for video in sorted(shows):
+        for f in range(len(cache.times[video])):
+            name = shows[video].get(f, ALIGN_BLANK)
+            frames.append((video, f))
+            targets.append(vector(name.split()))
+            names.append(name)
+    return frames, torch.stack(targets), names
+
+
+def align_projector(model: Any, tokenizer: Any, train: Sequence[Example],
+                    val: Sequence[Example], cache: VisionCache, s: VLMSettings,
+                    say: Callable[[str], None]) -> dict[str, float]:
+    """LLaVA's stage 1 as a regression, before any question: the projector alone learns to
+    put each frame's class token on the word embeddings of what the frame shows and every
+    patch token on ``ALIGN_BLANK``'s, so the language model starts from frames that read
+    like words. Returns the share of held-out frames whose projected class token is nearest
+    to its own content's target."""
+    projector = model.model.multi_modal_projector
+    frames, targets, _ = alignment_data(model, tokenizer, train, cache)
+    table = model.get_input_embeddings().weight.detach()
+    patch = table[tokenizer.convert_tokens_to_ids(ALIGN_BLANK)]
+    optimizer = torch.optim.Adam(list(projector.parameters()), lr=s.lr)
+    rng = np.random.default_rng([s.seed, 1])
+    for _ in range(s.align_steps):
+        pick = rng.choice(len(frames), size=min(s.align_frames, len(frames)), replace=False)
+        tokens = torch.stack([cache.features[frames[i][0]][frames[i][1]] for i in pick]).float()
+        out = projector(tokens)
+        loss = ((out[:, 0] - targets[pick]) ** 2).sum(-1).mean() + (
+            (out[:, 1:] - patch) ** 2).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {"align_loss": round(float(loss.detach()), 4),
+            "align_val": alignment_accuracy(model, tokenizer, val, cache)}
+
+
+@torch.no_grad()
+def alignment_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example],
+                       cache: VisionCache) -> float:
+    """The share of the examples' frames whose projected class token is nearest (euclidean)
+    to its own content's target among every content's."""
+    frames, targets, names = alignment_data(model, tokenizer, examples, cache)
+    if not frames:
+        return float("nan")
+    table = dict(zip(names, targets, strict=True))
+    labels = sorted(table)
+    centres = torch.stack([table[n] for n in labels])
+    tokens = torch.stack([cache.features[v][f][0] for v, f in frames]).float()
+    out = model.model.multi_modal_projector(tokens)
+    nearest = torch.cdist(out, centres).argmin(1).tolist()
+    return round(float(np.mean([labels[i] == n for i, n in zip(nearest, names, strict=True)])), 4)
 
 
 def trainable(model: Any) -> dict[str, torch.nn.Parameter]:
@@ -630,6 +750,10 @@ def _train_vlm(owned: Any, s: VLMSettings, say: Callable[[str], None],
     step, seconds = load_state(out, model, optimizer)
     log = MetricsLog(out / "metrics.jsonl")
     log.truncate_after(step)
+    if step == 0 and s.align_steps:  # a resumed run has it in its checkpoint
+        aligned = align_projector(model, processor.tokenizer, train, val, cache, s, say)
+        log.append({"kind": "align", "step": 0, **aligned})
+        say(f"stage 1 (projector onto word embeddings): {aligned}")
     if step:
         say(f"resumed at step {step} ({seconds:.0f} s trained)")
     say(f"training: {len(train)} train questions, {sum(p.numel() for p in params.values())} "
@@ -637,6 +761,7 @@ def _train_vlm(owned: Any, s: VLMSettings, say: Callable[[str], None],
     clock = time.perf_counter() - seconds
     while step < s.steps and time.perf_counter() - clock < s.minutes * 60:
         batch = batch_at(step, train, cache, s)
+        batcher.class_only = step < s.pick_steps + s.class_steps
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, s)
         optimizer.zero_grad(set_to_none=True)
@@ -649,10 +774,12 @@ def _train_vlm(owned: Any, s: VLMSettings, say: Callable[[str], None],
                     "seconds": round(elapsed, 1)})
         if step % s.eval_every == 0 or step == s.steps:
             accuracy = quick_accuracy(model, batcher, val, cache)
-            log.append({"kind": "val", "step": step, **accuracy})
+            log.append({"kind": "val", "step": step, **accuracy,
+                        "frame_tokens": "class" if batcher.class_only else "all"})
             say(f"step {step}/{s.steps}  loss {loss:.3f}  "
                 + "  ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
-                + f"  ({elapsed:.0f} s, {step / max(elapsed, 1e-9):.2f} steps/s)")
+                + f"  ({elapsed:.0f} s, {step / max(elapsed, 1e-9):.2f} steps/s"
+                + (", class tokens only)" if batcher.class_only else ")"))
         if step % s.checkpoint_every == 0:
             save_state(owned, model, optimizer, step, elapsed)
     seconds = time.perf_counter() - clock
