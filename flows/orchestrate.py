@@ -256,8 +256,9 @@ _MARGIN_LOCK = threading.Lock()  # one chunk at a time per process: the model is
 def _margin_reference(store: str, qa: tuple[str, ...] | None, spec: str,
                       options: Any) -> tuple[Any, Any]:
     """The corpus and the reference LMM, loaded once per worker process."""
-    from pipelines.learn import load_corpus, pick_device
+    from pipelines.learn import load_corpus
     from pipelines.margins import load_reference
+    from refocus.device import pick_device
 
     corpus = load_corpus(store, list(qa) if qa else None, pick_device(options.device))
     return corpus, load_reference(spec, corpus, store, options)

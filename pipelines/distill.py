@@ -18,7 +18,6 @@ from pipelines.learn import (
     check_splits,
     kept_report,
     load_corpus,
-    pick_device,
     reader_identity,
     reader_report,
     reward_inputs,
@@ -26,6 +25,7 @@ from pipelines.learn import (
 )
 from pipelines.margins import ReferenceOptions, precompute_margins, scored
 from refocus.data import Corpus
+from refocus.device import pick_device
 from refocus.distill import Scored, distill_reader, margin_error
 from refocus.reader import build_reader, default_config
 from refocus.settings import VAL_SPLIT, DistillSettings, MarginSettings, ReaderTrainSettings

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
-from PIL import Image
 
+from refocus.device import pick_device
 from stores.errors import UserError
 from stores.features import RANDOM_WEIGHTS as RANDOM
 from stores.safe_load import DAMAGED_WEIGHTS, weights_problem
@@ -57,13 +57,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """CUDA when present, else CPU; an explicit choice wins."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -100,9 +93,6 @@ class Encoder:
         with self._autocast():
             features = self.model.encode_text(tokens)
         return _normalise(features)
-
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        return self.preprocess(image)
 
 
 def _normalise(features: torch.Tensor) -> np.ndarray:

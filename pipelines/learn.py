@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from pipelines import plots
 from refocus.data import Corpus
+from refocus.device import pick_device
 from refocus.evaluation import (
     ALL,
     IDEAL,
@@ -59,12 +60,6 @@ from stores.owned import Owned, claim
 from stores.shards import MANIFEST_FILE, write_json_atomic
 
 COMPLETE = "complete.json"  # written last by a finished training run
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def qa_paths(store: str | os.PathLike[str],

@@ -298,10 +298,6 @@ class SelectedFrames:
         """The selected frames of question ``qid``."""
         return self.images(self.selection(qid))
 
-    def frames_for_doc(self, doc: Mapping[str, Any], **fields: Any) -> SelectedImages:
-        """The selected frames for an lmms-eval document (see :meth:`for_doc`)."""
-        return self.images(self.for_doc(doc, **fields))
-
 
 # -- lmms-eval hooks ---------------------------------------------------------------------------
 

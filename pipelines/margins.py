@@ -182,7 +182,7 @@ def precompute_margins(store: str | os.PathLike[str], qa: Sequence[str] | None,
     inputs = margin_inputs(store, qa, spec, options)
     claim_margins(out, inputs)  # a bad --out is refused before anything loads
     if corpus is None:
-        from pipelines.learn import pick_device
+        from refocus.device import pick_device
 
         corpus = load_corpus(store, qa, pick_device(options.device))
     ref = ref or load_reference(spec, corpus, store, options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -193,28 +192,6 @@ def _judge_lines(ax: Any, rows: list[Row]) -> None:
         ax.axhline(value, color=colour, ls=style, lw=1.2, label=name)
         ax.text(1.0, value, f" {name} {100 * value:.0f} %", transform=ax.get_yaxis_transform(),
                 ha="right", va="bottom", fontsize=7, color=colour)
-
-
-def per_kind_chart(table: list[Row], k: int, path: Path) -> Path:
-    """Accuracy per question kind and method at one budget."""
-    rows = [r for r in table if r.k == k and r.category != ALL]
-    kinds = list(dict.fromkeys(r.category for r in rows))
-    methods = list(dict.fromkeys(r.method for r in rows))
-    values = defaultdict(dict)
-    for r in rows:
-        values[r.method][r.category] = r.accuracy
-    fig, ax = plt.subplots(figsize=(12, 4))
-    width = 0.8 / max(1, len(methods))
-    for i, method in enumerate(methods):
-        ax.bar([x + i * width for x in range(len(kinds))],
-               [values[method].get(kind, 0.0) for kind in kinds], width, label=method)
-    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(kinds))], kinds)
-    ax.set(title=f"accuracy per question kind, k={k}", ylim=(0, 1))
-    ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def selection_timelines(videos: list[dict[str, Any]], path: Path) -> Path:

@@ -22,7 +22,8 @@ from pipelines.decode import DecodeSettings
 from pipelines.embed import EmbedSettings, embed
 from pipelines.encoder import encoder_spec, load_encoder
 from pipelines.ingest import IngestSettings, ingest
-from pipelines.learn import load_corpus, load_policy, pick_device, policy_record
+from pipelines.learn import load_corpus, load_policy, policy_record
+from refocus.device import pick_device
 from refocus.selectors import Learned
 from stores import shards as shard_files
 from stores.errors import UserError

@@ -201,13 +201,6 @@ def render(scene: Scene, index: int, grid: tuple[np.ndarray, np.ndarray] | None 
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def visible_event(scene: Scene, index: int) -> Event | None:
-    for e in scene.events:
-        if e.first <= index < e.first + e.frames:
-            return e
-    return None
-
-
 # ----------------------------------------------------------------------------- scenes
 
 def _pastel(rng: np.random.Generator) -> tuple[float, float, float]:

@@ -113,10 +113,6 @@ class Corpus:
         return Batch(q, self.question_embedding[q], self.question_text[q], frames, times,
                      seconds.float().masked_fill(~valid, 0), valid)
 
-    def frame_rows(self, question: int, local: Sequence[int]) -> list[int]:
-        base = int(self.offsets[self.video[question]])
-        return [base + int(i) for i in local]
-
     def evidence_frames(self, question: int) -> list[list[int]]:
         """Per evidence span, the local indices of the candidate frames inside it."""
         cached = self._evidence_frames.get(question)

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from refocus.device import pick_device
 from refocus.lmm_families import Family, family_of
 from stores.errors import UserError
 from stores.manifest import MAX_OPTIONS
@@ -165,7 +166,7 @@ class LMMScorer:
         """By hub id or local path; bf16 and SDPA on CUDA, float32 on CPU."""
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         try:

@@ -97,9 +97,6 @@ class Features:
     option_offsets: np.ndarray  # [n_questions + 1] int64
     option_embedding: np.ndarray  # [n_options, dim] float16
 
-    def video_slice(self, row: int) -> slice:
-        return slice(int(self.offsets[row]), int(self.offsets[row + 1]))
-
 
 def read_array(array: zarr.Array, folder: Path) -> np.ndarray:
     """A whole array into memory. For the uncompressed, row-chunked arrays this store writes,
@@ -277,11 +274,6 @@ class FeatureStore:
                 f"{self.directory}: features were made by {_describe(self.encoder)}, not by "
                 f"{_describe(identity)}; use the same encoder, or another feature folder"
             )
-
-    def missing_shards(self, expected: int) -> list[int]:
-        progress = _progress(self.directory)
-        return [s for s in range(expected)
-                if not (progress / f"shard-{s:06d}.done.json").exists()]
 
     def video_row(self, video_id: str) -> int:
         if video_id not in self._video_row:

@@ -120,12 +120,6 @@ class Manifest:
                 return v
         raise KeyError(video_id)
 
-    def questions_by_video(self) -> dict[str, list[Question]]:
-        out: dict[str, list[Question]] = {}
-        for q in self.questions:
-            out.setdefault(q.video_id, []).append(q)
-        return out
-
 
 class _RowError(Exception):
     def __init__(self, field_name: str, message: str) -> None:

@@ -282,9 +282,6 @@ class ShardSet:
                 out.append(marker)
         return out
 
-    def shard_paths(self) -> list[Path]:
-        return [self.directory / m["shard"] for m in self.markers()]
-
     def lookup(self) -> dict[str, SampleLocation]:
         """Video id → where its sample lies, for every landed video."""
         out: dict[str, SampleLocation] = {}
