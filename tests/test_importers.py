@@ -123,7 +123,9 @@ def test_inputs_combine_files_folders_and_manifests(tmp_path, videos):
     write_manifest(tmp_path / "m.jsonl", from_inputs([str(videos / "realshort.mp4")]))
     m = from_inputs([str(videos / "nasa_13013.mp4"), str(tmp_path / "m.jsonl")])
     assert [v.id for v in m.videos] == ["realshort", "nasa_13013"]
-    assert read_manifest(tmp_path / "m.jsonl").videos[0].path == str(videos / "realshort.mp4")
+    stored = Path(read_manifest(tmp_path / "m.jsonl").videos[0].path)
+    # both sides resolved: the shared data may be reached through a symlink
+    assert stored.is_absolute() and stored.resolve() == (videos / "realshort.mp4").resolve()
     with pytest.raises(UserError, match="no such file or folder"):
         from_inputs([str(tmp_path / "nothing-here")])
     url = from_inputs(["https://example.org/media/clip.v2.mp4?token=1"])
