@@ -32,3 +32,25 @@ def test_layer_imports_only_layers_below_it(layer):
         for library, allowed in ONLY_IN.items():
             assert library not in roots or layer in allowed, (
                 f"{path.relative_to(REPO)} imports {library}")
+
+
+# the rooms ARCHITECTURE.md names for each heavy library (any import, at the top or in a function)
+ROOMS = {
+    "av": {"pipelines/decode.py", "pipelines/synth.py"},
+    "open_clip": {"pipelines/encoder.py"},
+    "transformers": {"refocus/lmm.py", "refocus/lmm_families.py", "pipelines/vlm.py",
+                     "pipelines/lmm_budget.py"},
+    "zarr": {"stores/features.py", "stores/reference.py"},
+    "faiss": {"stores/index.py"},
+}
+
+
+def test_heavy_libraries_stay_in_their_rooms():
+    found: dict[str, set[str]] = {library: set() for library in ROOMS}
+    for layer in LAYERS:
+        for path in sorted((REPO / layer).rglob("*.py")):
+            roots = imported_roots(path)
+            for library in ROOMS:
+                if library in roots:
+                    found[library].add(path.relative_to(REPO).as_posix())
+    assert found == ROOMS
