@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from toy import video_per_question
 
 from flows.cli import EXIT_OK, EXIT_USAGE, main
 from pipelines.learn import markdown_table
@@ -26,7 +27,6 @@ from refocus.evaluation import (
     evaluate,
 )
 from refocus.selectors import Random, Uniform
-from stores.features import Features
 from stores.manifest import Question
 
 Z95 = 1.959964  # the standard normal's 97.5 % quantile
@@ -76,19 +76,7 @@ FRAMES = 10  # per video, frame i at i seconds
 def spanned_corpus(n: int, options: int = 2, seed: int = 0) -> Corpus:
     """``n`` questions, one 10-frame video each, ``options`` options, one evidence span
     around frame q mod 10; kinds alternate 'a' / 'b'."""
-    rng = np.random.default_rng(seed)
-    offsets = np.arange(n + 1) * options
-    features = Features(
-        frame_embedding=rng.standard_normal((n * FRAMES, 8)).astype(np.float16),
-        frame_time=np.tile(np.arange(FRAMES, dtype=np.float64), n),
-        frame_video=np.repeat(np.arange(n, dtype=np.int32), FRAMES),
-        video_ids=[f"v{i}" for i in range(n)], offsets=np.arange(n + 1) * FRAMES,
-        duration=np.full(n, float(FRAMES)), qids=[f"q{i}" for i in range(n)],
-        question_video=np.arange(n, dtype=np.int32), answer=np.zeros(n, dtype=np.int16),
-        question_embedding=rng.standard_normal((n, 8)).astype(np.float16),
-        question_text_embedding=rng.standard_normal((n, 8)).astype(np.float16),
-        option_offsets=offsets,
-        option_embedding=rng.standard_normal((offsets[-1], 8)).astype(np.float16))
+    features = video_per_question([options] * n, FRAMES, np.random.default_rng(seed))
     questions = [Question(f"q{i}", f"v{i}", "which?", tuple("abcdef"[:options]), 0,
                           ((float(i % FRAMES) - 0.2, float(i % FRAMES) + 0.2),), "test",
                           "ab"[i % 2]) for i in range(n)]

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from toy import video_per_question
 
 from flows.cli import EXIT_OK, EXIT_USAGE, main
 from pipelines.learn import markdown_table
 from refocus.data import Corpus
 from refocus.evaluation import IdealObserver, accuracy_by_judge, evaluate, labels
 from refocus.selectors import uniform_indices
-from stores.features import Features, FeatureStore
+from stores.features import FeatureStore
 from stores.manifest import Question, read_manifest
 
 # ----------------------------------------------------------------------------- by hand
@@ -39,21 +40,8 @@ HAND = [
 
 
 def hand_corpus() -> Corpus:
-    n = len(HAND)
     options = [o for o, *_ in HAND]
-    offsets = np.concatenate([[0], np.cumsum(options)])
-    rng = np.random.default_rng(0)
-    features = Features(
-        frame_embedding=rng.standard_normal((n * FRAMES, 8)).astype(np.float16),
-        frame_time=np.tile(np.arange(FRAMES, dtype=np.float64), n),
-        frame_video=np.repeat(np.arange(n, dtype=np.int32), FRAMES),
-        video_ids=[f"v{i}" for i in range(n)], offsets=np.arange(n + 1) * FRAMES,
-        duration=np.full(n, float(FRAMES)), qids=[f"q{i}" for i in range(n)],
-        question_video=np.arange(n, dtype=np.int32), answer=np.zeros(n, dtype=np.int16),
-        question_embedding=rng.standard_normal((n, 8)).astype(np.float16),
-        question_text_embedding=rng.standard_normal((n, 8)).astype(np.float16),
-        option_offsets=offsets, option_embedding=rng.standard_normal((offsets[-1], 8))
-        .astype(np.float16))
+    features = video_per_question(options, FRAMES, np.random.default_rng(0))
     questions = [Question(f"q{i}", f"v{i}", "which?", tuple("abcde"[:o]), 0, tuple(spans),
                           "test", kind) for i, (o, spans, kind, _) in enumerate(HAND)]
     return Corpus(features, questions)

@@ -76,3 +76,22 @@ class ToyReference:
             out[i, 0] = 1.0 if self.targets[q][0] in seen else 0.0
             out[i, 1] = 0.0 if self.targets[q][0] in seen else 1.0
         return out
+
+
+def video_per_question(option_counts: list[int] | np.ndarray, frames: int,
+                       rng: np.random.Generator) -> Features:
+    """Random 8-d features for one ``frames``-frame video per question (frame i at i seconds),
+    question i on video i with answer 0 and ``option_counts[i]`` options."""
+    n = len(option_counts)
+    offsets = np.concatenate([[0], np.cumsum(option_counts)]).astype(np.int64)
+    return Features(
+        frame_embedding=rng.standard_normal((n * frames, 8)).astype(np.float16),
+        frame_time=np.tile(np.arange(frames, dtype=np.float64), n),
+        frame_video=np.repeat(np.arange(n, dtype=np.int32), frames),
+        video_ids=[f"v{i}" for i in range(n)], offsets=np.arange(n + 1) * frames,
+        duration=np.full(n, float(frames)), qids=[f"q{i}" for i in range(n)],
+        question_video=np.arange(n, dtype=np.int32), answer=np.zeros(n, dtype=np.int16),
+        question_embedding=rng.standard_normal((n, 8)).astype(np.float16),
+        question_text_embedding=rng.standard_normal((n, 8)).astype(np.float16),
+        option_offsets=offsets,
+        option_embedding=rng.standard_normal((int(offsets[-1]), 8)).astype(np.float16))
