@@ -18,7 +18,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         "its margins), evaluate them against uniform, random, CLIP top-k, BOLT and AKS on the\n"
         "held-out test split judged by the reader, the VLM and the ideal observer, score a\n"
         "fresh set of videos with refocus score, and write a report folder (README.md and PNG\n"
-        "plots). About 20-25 minutes on 2 CPU cores (--quick: about two minutes, small and\n"
+        "plots). About 20 minutes on 2 CPU cores (--quick: about two minutes, small and\n"
         "barely trained); re-running resumes.\n\n"
         "examples:\n"
         "  refocus demo                      # → runs/demo/report/README.md\n"
