@@ -32,28 +32,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.encoder import Encoder, format_question
+from pipelines.settings import EmbedSettings
 from pipelines.workers import dataloader_worker_init
 from stores import frames
 from stores import shards as shard_files
 from stores.errors import UserError
 from stores.features import PROGRESS_DIR, STORE_DIR, FeatureWriter, Layout
-from stores.index import IndexSettings, build_index
+from stores.index import build_index
 from stores.manifest import Manifest, Question
 from stores.owned import Owned, claim
 from stores.shards import SampleLocation, ShardSet
-
-
-@dataclass(frozen=True)
-class EmbedSettings:
-    batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    index: IndexSettings | None = field(default_factory=IndexSettings)  # None: no index
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be 0 or more, got {self.workers}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from refocus.reader import (
 )
 from refocus.rewards import ReaderReference, Reference, RewardCache, RewardModel
 from refocus.selectors import BASELINES, Learned, Selector, uniform_indices
-from refocus.settings import REFERENCE_CACHE_GB, VAL_SPLIT, GRPOSettings, ReaderTrainSettings
+from refocus.settings import REFERENCE_CACHE_GB, GRPOSettings, ReaderTrainSettings, RunSettings
 from refocus.trainer import (
     DistEnv,
     GRPOTrainer,
@@ -241,25 +241,6 @@ def store_shards(store: str | os.PathLike[str]) -> str | None:
 
 
 # ----------------------------------------------------------------------------- the policy
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What a training run does besides the GRPO settings themselves."""
-
-    eval_every: int = 50
-    checkpoint_every: int = 100
-    hidden: int = 64
-    layers: int = 2
-    device: str | None = None
-    reference_features: str | None = None  # a precompute-reference folder (lmm rewards)
-    reference_batch: int = 8  # (question, subset) pairs per LMM forward
-    reference_cache_gb: float = REFERENCE_CACHE_GB  # the LMM's frame features on its device
-    present: str | None = None  # how the LMM is shown frames (None: its family's default)
-    val_split: str = VAL_SPLIT  # the questions the best checkpoint is chosen on
-    # a reference spec (e.g. reader:PATH) scoring the steps the reward model does not
-    # (GRPOSettings.lmm_every); its identity goes into run.json on its own
-    surrogate: str | None = None
-
 
 TRAIN_VALIDATION_CAP = 256  # questions, when the best checkpoint is chosen on training ones
 FINAL_OUTPUTS = ("policy/" + checkpoints.CONFIG, "policy-last/" + checkpoints.CONFIG,

@@ -14,15 +14,16 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from pipelines.decode import DecodeSettings
-from pipelines.embed import EmbedSettings, embed
+from pipelines.embed import embed
 from pipelines.encoder import encoder_spec, load_encoder
 from pipelines.ingest import IngestSettings, ingest
 from pipelines.learn import load_corpus, load_policy, policy_record
+from pipelines.settings import ScoreSettings
 from refocus.device import pick_device
 from refocus.selectors import Learned
 from stores import shards as shard_files
@@ -37,30 +38,8 @@ from stores.selections import (
     write_selections,
 )
 from stores.shards import ShardSet
-from stores.urls import NetworkSettings
 
-EXPORTS = ("none", "jpeg", "webdataset")
 SHARDS, FEATURES = "shards", "features"  # under the output folder
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    k: int | None = None  # None: the largest budget the policy was trained on (trained_k)
-    export: str = "none"  # none | jpeg | webdataset
-    ingest_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    embed: EmbedSettings = field(default_factory=lambda: EmbedSettings(index=None))
-    model: str | None = None  # the encoder; default: the one the policy was trained with
-    pretrained: str | None = None
-    device: str | None = None
-    questions_per_batch: int = 64
-    export_shard_size: int = 256  # questions per WebDataset shard
-    network: NetworkSettings = field(default_factory=NetworkSettings)  # video URLs
-
-    def __post_init__(self) -> None:
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
-        if self.export not in EXPORTS:
-            raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
 
 
 @dataclass(frozen=True)

@@ -22,26 +22,15 @@ the sampler's own. Rows are independent: a batch mixes questions and their group
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refocus.settings import PolicyConfig  # the policy's shape, torch-free for the CLI
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    dim: int  # input embedding size (the CLIP model's)
-    hidden: int = 64
-    layers: int = 2  # frame encoder
-    decoder_layers: int = 1
-    heads: int = 4
-    time_features: int = 16
-    initial_scale: float = 10.0  # pointer logit scale at initialisation
-    max_scale: float = 50.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["PolicyConfig", "FrameSelector"]
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Settings of the learning stages, kept free of torch so the command line can read their
-defaults without loading it."""
+defaults without loading it: each default is declared here once, and the flags read it."""
 
 from __future__ import annotations
 
@@ -29,6 +29,42 @@ FILTER_STATISTICS = ("margin", "reward")
 # The GRPO objective's choices (GRPOSettings.loss_norm, .scale_rewards; refocus train flags)
 LOSS_NORMS = ("pick", "sequence", "constant")
 SCALE_REWARDS = ("group", "none")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The frame-selection policy's shape (refocus/policy.py); ``dim`` is the CLIP model's."""
+
+    dim: int  # input embedding size (the CLIP model's)
+    hidden: int = 64  # its width, refocus train --hidden
+    layers: int = 2  # frame encoder
+    decoder_layers: int = 1
+    heads: int = 4
+    time_features: int = 16
+    initial_scale: float = 10.0  # pointer logit scale at initialisation
+    max_scale: float = 50.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a training run does besides the GRPO settings themselves."""
+
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    hidden: int = PolicyConfig.hidden
+    layers: int = PolicyConfig.layers
+    device: str | None = None
+    reference_features: str | None = None  # a precompute-reference folder (lmm rewards)
+    reference_batch: int = 8  # (question, subset) pairs per LMM forward
+    reference_cache_gb: float = REFERENCE_CACHE_GB  # the LMM's frame features on its device
+    present: str | None = None  # how the LMM is shown frames (None: its family's default)
+    val_split: str = VAL_SPLIT  # the questions the best checkpoint is chosen on
+    # a reference spec (e.g. reader:PATH) scoring the steps the reward model does not
+    # (GRPOSettings.lmm_every); its identity goes into run.json on its own
+    surrogate: str | None = None
 
 
 @dataclass(frozen=True)
