@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,20 @@ def number(kind: type, low: float, high: float | None = None) -> Callable[[str],
         return value
 
     return parse
+
+
+def default_of(settings: type, name: str) -> Any:
+    """The default of field ``name`` of the settings dataclass ``settings`` (its factory's
+    value when it has one): where every flag that sets a settings field reads its default,
+    so the value is declared once, in the dataclass."""
+    for f in dataclasses.fields(settings):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{settings.__name__}.{name} has no default")
+    raise ValueError(f"{settings.__name__} has no field {name!r}")
 
 
 positive_int = number(int, 1)

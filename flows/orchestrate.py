@@ -36,6 +36,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from flows.options import default_of
 from flows.runtime import Orchestration, flow_record, retry_options, task_runner
 from pipelines.decode import DecodeSettings
 from pipelines.embed import (
@@ -58,10 +59,10 @@ from pipelines.ingest import (
 )
 from stores import importers
 from stores.index import IndexSettings
-from stores.manifest import Manifest, Video, merge, read_manifest
+from stores.manifest import Manifest, Video
 from stores.margins import chunk_name
 from stores.owned import claim
-from stores.shards import MANIFEST_FILE, shard_name
+from stores.shards import MANIFEST_FILE, read_questions, shard_name
 from stores.urls import NetworkSettings
 
 # Markers of the folders only a flow makes (the stages claim their own sub-folders).
@@ -169,8 +170,7 @@ def _embed(shards: str, out: str, model: str, pretrained: str | None,
            o: Orchestration, record: Any) -> dict[str, Any]:
     log = get_run_logger()
     encoder = _encoder(model, pretrained, device)
-    paths = [Path(p) for p in questions] if questions else [Path(shards) / MANIFEST_FILE]
-    manifest = merge([read_manifest(p) for p in paths if p.exists()]) if paths else None
+    manifest = read_questions(questions, shards)
     started = time.perf_counter()
     with embed_job(shards, out, encoder.identity, settings.batch_size) as job:
         log.info("embed %s: %d of %d input shards to do", out, len(job.todo),
@@ -192,10 +192,15 @@ def _embed(shards: str, out: str, model: str, pretrained: str | None,
 
 
 @flow(name="refocus-preprocess", validate_parameters=False)
-def preprocess_flow(inputs: list[str], root: str, fps: float = 4.0, max_frames: int = 512,
-                    size: int = 384, shard_size: int = 16, model: str = SYNTH_ENCODER,
-                    pretrained: str | None = None, batch_size: int = 64, index: bool = True,
-                    retries: int = 3, network: dict[str, Any] | None = None) -> dict[str, Any]:
+def preprocess_flow(inputs: list[str], root: str,  # defaults: the settings dataclasses'
+                    fps: float = default_of(DecodeSettings, "fps"),
+                    max_frames: int = default_of(DecodeSettings, "max_frames"),
+                    size: int = default_of(DecodeSettings, "size"),
+                    shard_size: int = default_of(IngestSettings, "shard_size"),
+                    model: str = SYNTH_ENCODER, pretrained: str | None = None,
+                    batch_size: int = default_of(EmbedSettings, "batch_size"), index: bool = True,
+                    retries: int = default_of(Orchestration, "retries"),
+                    network: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flow to schedule: the videos under ``inputs`` → ROOT/shards → ROOT/features.
     Each run finishes what earlier runs left (finished shards are skipped); the plan is fixed
     by the first run, so a grown corpus goes to a new ROOT. Plain parameters only, so a

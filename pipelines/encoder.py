@@ -34,13 +34,13 @@ import numpy as np
 import open_clip
 import torch
 
+from pipelines.settings import SYNTH_ENCODER  # declared once, torch-free for the CLI
 from refocus.device import pick_device
 from stores.errors import UserError
 from stores.features import RANDOM_WEIGHTS as RANDOM
 from stores.safe_load import DAMAGED_WEIGHTS, weights_problem
 
 QUESTION_TEMPLATE = "Question: {question} Options: {options}"
-SYNTH_ENCODER = "refocus-synth"  # the encoder shipped with refocus, for the synthetic world
 ASSETS = Path(__file__).resolve().parent / "assets"
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

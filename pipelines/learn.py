@@ -44,7 +44,13 @@ from refocus.reader import (
 )
 from refocus.rewards import ReaderReference, Reference, RewardCache, RewardModel
 from refocus.selectors import BASELINES, Learned, Selector, uniform_indices
-from refocus.settings import REFERENCE_CACHE_GB, GRPOSettings, ReaderTrainSettings, RunSettings
+from refocus.settings import (
+    REFERENCE_BATCH,
+    REFERENCE_CACHE_GB,
+    GRPOSettings,
+    ReaderTrainSettings,
+    RunSettings,
+)
 from refocus.trainer import (
     DistEnv,
     GRPOTrainer,
@@ -57,7 +63,7 @@ from stores.errors import UserError
 from stores.features import FeatureStore
 from stores.manifest import merge, read_manifest
 from stores.owned import Owned, claim
-from stores.shards import MANIFEST_FILE, write_json_atomic
+from stores.shards import question_manifests, write_json_atomic
 
 COMPLETE = "complete.json"  # written last by a finished training run
 
@@ -65,9 +71,11 @@ COMPLETE = "complete.json"  # written last by a finished training run
 def qa_paths(store: str | os.PathLike[str],
              qa: Sequence[str | os.PathLike[str]] | None) -> list[Path]:
     """The manifests with the questions: those given, else the one that was ingested."""
-    if qa:
-        return [Path(p) for p in qa]
-    return [Path(FeatureStore(store).ingest.get("shards", "")) / MANIFEST_FILE]
+    paths = question_manifests(qa, FeatureStore(store).ingest.get("shards"))
+    if not paths:
+        raise UserError(f"{store}: its ingest folder holds no question manifest; give the "
+                        "questions with --qa MANIFEST")
+    return paths
 
 
 def load_corpus(store: str | os.PathLike[str], qa: Sequence[str | os.PathLike[str]] | None,
@@ -571,7 +579,7 @@ def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, spli
                    reference_features: str | None = None,
                    reference_cache_gb: float = REFERENCE_CACHE_GB,
                    present: str | None = None, judges: Sequence[str] = (),
-                   reference_batch: int = 8, statistics: Statistics = Statistics(),
+                   reference_batch: int = REFERENCE_BATCH, statistics: Statistics = Statistics(),
                    ) -> list[Row]:
     """Every selector at every budget on ``split``, scored by every judge (``reward_spec``,
     kept for earlier callers, is the first; ``judges``: more specs, ``ideal`` among them);
@@ -598,7 +606,7 @@ def _evaluate(store: str | os.PathLike[str], qa: Sequence[str] | None, split: st
               ks: Sequence[int], specs: Sequence[str], policies: Sequence[str],
               methods: Sequence[str], device: str | None,
               reference_features: str | None, reference_cache_gb: float,
-              present: str | None = None, reference_batch: int = 8,
+              present: str | None = None, reference_batch: int = REFERENCE_BATCH,
               statistics: Statistics = Statistics(),
               ) -> tuple[list[Row], dict[str, Any]]:
     """The table and what it was made with (judges and policies, by label and full id)."""

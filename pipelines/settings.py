@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from stores.index import IndexSettings
 from stores.urls import NetworkSettings
 
+SYNTH_ENCODER = "refocus-synth"  # the encoder shipped with refocus, for the synthetic world
+
 
 @dataclass(frozen=True)
 class EmbedSettings:

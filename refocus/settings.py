@@ -16,6 +16,7 @@ LMM_CEILING_FRAMES = 64  # the most frames an LMM judge sees for its ceiling, --
 
 # The reference LMM's per-frame vision features (refocus/lmm_reference.py)
 REFERENCE_CACHE_GB = 8.0  # on the model's device (GPU), --reference-cache-gb
+REFERENCE_BATCH = 8  # (question, subset) pairs per forward (halved on OOM), --reference-batch
 REFERENCE_HOST_CACHE_GB = 32.0  # in host memory (pinned when CUDA is present)
 REFERENCE_FRAMES_PER_PASS = 32  # frames through the vision tower at once (halved on OOM)
 
@@ -58,7 +59,7 @@ class RunSettings:
     layers: int = PolicyConfig.layers
     device: str | None = None
     reference_features: str | None = None  # a precompute-reference folder (lmm rewards)
-    reference_batch: int = 8  # (question, subset) pairs per LMM forward
+    reference_batch: int = REFERENCE_BATCH  # (question, subset) pairs per LMM forward
     reference_cache_gb: float = REFERENCE_CACHE_GB  # the LMM's frame features on its device
     present: str | None = None  # how the LMM is shown frames (None: its family's default)
     val_split: str = VAL_SPLIT  # the questions the best checkpoint is chosen on

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stores.errors import UserError
+from stores.manifest import Manifest, merge, read_manifest
 from stores.owned import exclusive_lock  # noqa: F401  (shared with the ingest stage)
 
 PLAN_FILE = "plan.json"
@@ -304,3 +305,26 @@ class ShardSet:
             f.seek(loc.start)
             data = f.read(loc.end - loc.start)
         return _parse_sample(data, video_id)
+
+
+# ----------------------------------------------------------------------------- questions
+
+def question_manifests(given: Sequence[str | os.PathLike[str]] | None,
+                       shards: str | os.PathLike[str] | None) -> list[Path]:
+    """The manifests that hold a stage's questions: the ``given`` ones (--qa, --questions),
+    else the manifest ingested into the ``shards`` folder when it has one (a folder ingested
+    from bare videos has none, and neither has no folder: then the list is empty)."""
+    if given:
+        return [Path(p) for p in given]
+    if shards is None or not str(shards):
+        return []
+    ingested = Path(shards) / MANIFEST_FILE
+    return [ingested] if ingested.is_file() else []
+
+
+def read_questions(given: Sequence[str | os.PathLike[str]] | None,
+                   shards: str | os.PathLike[str] | None) -> Manifest | None:
+    """The :func:`question_manifests` read and merged (None when there are none); a given
+    manifest that cannot be read is a one-line error."""
+    paths = question_manifests(given, shards)
+    return merge([read_manifest(p) for p in paths]) if paths else None

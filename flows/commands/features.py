@@ -5,7 +5,6 @@ text → frame search over it. (torch and open_clip are imported when a command 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +13,17 @@ from flows.options import (
     EXIT_FAILURES,
     EXIT_OK,
     add_command,
+    default_of,
     non_negative_int,
     positive_int,
 )
+from pipelines.settings import SYNTH_ENCODER, EmbedSettings
 from stores.features import FeatureStore
 from stores.index import FrameIndex, IndexSettings
-from stores.manifest import merge, read_manifest
 from stores.owned import check_output_file
-from stores.shards import MANIFEST_FILE, ShardSet
+from stores.shards import ShardSet, read_questions
 
-DEFAULT_MODEL = "refocus-synth"  # the bundled encoder; real corpora name a real CLIP
+DEFAULT_MODEL = SYNTH_ENCODER  # the bundled encoder; real corpora name a real CLIP
 DEFAULT_PRETRAINED = None
 
 
@@ -37,6 +37,13 @@ def _add_encoder_options(p: argparse.ArgumentParser, model_default: str | None,
                    help="weights: an open_clip tag (laion2b_s34b_b79k), a weights file, or "
                         "'random'; refocus-synth, hf-hub: and local-dir: carry their own")
     p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+
+
+def add_batch_size(p: argparse.ArgumentParser) -> None:
+    """--batch-size of the encoder: shared by embed, score and the flows."""
+    p.add_argument("--batch-size", type=positive_int,
+                   default=default_of(EmbedSettings, "batch_size"), metavar="B",
+                   help="frames per encoder forward")
 
 
 def add_embed(sub: argparse._SubParsersAction) -> None:
@@ -58,9 +65,8 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
                    help="an ingest output folder (refocus ingest --out)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="feature folder")
     _add_encoder_options(p, DEFAULT_MODEL, DEFAULT_PRETRAINED)
-    p.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
-                   help="frames per model forward")
-    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+    add_batch_size(p)
+    p.add_argument("--workers", type=non_negative_int, default=default_of(EmbedSettings, "workers"),
                    metavar="W", help="DataLoader processes decoding and preprocessing JPEGs")
     p.add_argument("--questions", type=Path, nargs="*", metavar="MANIFEST",
                    help="manifests whose questions to embed (default: the questions of the "
@@ -69,12 +75,6 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ivf-threshold", type=positive_int, default=IndexSettings.ivf_threshold,
                    metavar="N", help="use an IVF index above N frames (exact below)")
     p.set_defaults(run=_run_embed)
-
-
-def _questions(args: argparse.Namespace) -> Any:
-    paths = args.questions if args.questions else [args.shards / MANIFEST_FILE]
-    manifests = [read_manifest(p) for p in paths if p.exists() or args.questions]
-    return merge(manifests) if manifests else None
 
 
 def _run_embed(args: argparse.Namespace) -> int:
@@ -92,7 +92,8 @@ def _run_embed(args: argparse.Namespace) -> int:
         def on_start(todo: int, done: int) -> None:
             bar.update(task, total=todo, detail=f"({done} already done)" if done else "")
 
-        summary = embed(args.shards, args.out, encoder, settings, _questions(args),
+        summary = embed(args.shards, args.out, encoder, settings,
+                        read_questions(args.questions, args.shards),
                         on_start=on_start, report=lambda n: bar.update(task, advance=n))
     _print_summary(summary, encoder.device.type)
     return EXIT_FAILURES if summary.failures else EXIT_OK

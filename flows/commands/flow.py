@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from flows import console
-from flows.commands.ingest import add_candidate_options
+from flows.commands.features import add_batch_size
+from flows.commands.ingest import add_candidate_options, add_shard_size
 from flows.options import (
     EXIT_FAILURES,
     EXIT_OK,
     add_command,
     add_network_options,
+    default_of,
     network_settings,
     non_negative_float,
     non_negative_int,
     positive_int,
 )
+from pipelines.settings import EXPORTS, SYNTH_ENCODER, ScoreSettings
 from stores.errors import UserError
 from stores.urls import is_url
 
@@ -47,13 +50,11 @@ def _preprocess_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, type=Path, metavar="DIR",
                    help="data root: ROOT/shards, ROOT/features, ROOT/logs, ROOT/flow-runs")
     add_candidate_options(p)
-    p.add_argument("--shard-size", type=positive_int, default=16, metavar="V",
-                   help="videos per shard (a shard is one task)")
-    p.add_argument("--model", default="refocus-synth", metavar="NAME",
+    add_shard_size(p, "videos per shard (a shard is one task)")
+    p.add_argument("--model", default=SYNTH_ENCODER, metavar="NAME",
                    help="open_clip encoder (see refocus embed --help)")
     p.add_argument("--pretrained", default=None, metavar="TAG|FILE", help="its weights")
-    p.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
-                   help="frames per encoder forward")
+    add_batch_size(p)
     p.add_argument("--no-index", action="store_true", help="do not build the FAISS index")
     add_network_options(p)
 
@@ -93,7 +94,7 @@ def add_flow(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--k", type=positive_int, default=None,
                     help="frames per question (default: the policy's largest trained budget)")
     sc.add_argument("--out", required=True, type=Path, metavar="DIR")
-    sc.add_argument("--export", choices=("none", "jpeg", "webdataset"), default="none")
+    sc.add_argument("--export", choices=EXPORTS, default=default_of(ScoreSettings, "export"))
     sc.add_argument("--device", default=None)
     add_network_options(sc)
     _runner_options(sc)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from flows import console
@@ -12,6 +11,7 @@ from flows.options import (
     EXIT_OK,
     add_command,
     add_network_options,
+    default_of,
     network_settings,
     non_negative_float,
     non_negative_int,
@@ -26,12 +26,20 @@ from stores.shards import FAILURES_FILE
 
 def add_candidate_options(p: argparse.ArgumentParser) -> None:
     """How many candidate frames and how large: shared by ingest and the flows."""
-    p.add_argument("--fps", type=non_negative_float, default=4.0,
+    p.add_argument("--fps", type=non_negative_float, default=default_of(DecodeSettings, "fps"),
                    help="at most this many candidate frames per second (0: no cap)")
-    p.add_argument("--max-frames", type=non_negative_int, default=512, metavar="N",
+    p.add_argument("--max-frames", type=non_negative_int,
+                   default=default_of(DecodeSettings, "max_frames"), metavar="N",
                    help="at most N candidates per video, spread over its duration (0: no cap)")
-    p.add_argument("--size", type=non_negative_int, default=384, metavar="S",
+    p.add_argument("--size", type=non_negative_int, default=default_of(DecodeSettings, "size"),
+                   metavar="S",
                    help="resize to this short side, keeping the aspect; never upscales (0: keep)")
+
+
+def add_shard_size(p: argparse.ArgumentParser, text: str) -> None:
+    """--shard-size: shared by ingest and the flows."""
+    p.add_argument("--shard-size", type=positive_int,
+                   default=default_of(IngestSettings, "shard_size"), metavar="V", help=text)
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -54,17 +62,19 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="video files or URLs, folders of videos (recursive), or .jsonl manifests")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     add_candidate_options(p)
-    p.add_argument("--jpeg-quality", type=number(int, 1, 100), default=90, metavar="Q",
+    p.add_argument("--jpeg-quality", type=number(int, 1, 100),
+                   default=default_of(IngestSettings, "jpeg_quality"), metavar="Q",
                    help="JPEG quality, 1-100")
-    p.add_argument("--stream", type=non_negative_int, default=0, metavar="K",
-                   help="which video stream of each file to decode (0: the first)")
-    p.add_argument("--max-decode-errors", type=non_negative_int, default=0, metavar="E",
+    p.add_argument("--stream", type=non_negative_int, default=default_of(DecodeSettings, "stream"),
+                   metavar="K", help="which video stream of each file to decode (0: the first)")
+    p.add_argument("--max-decode-errors", type=non_negative_int,
+                   default=default_of(DecodeSettings, "max_decode_errors"), metavar="E",
                    help="tolerate up to E undecodable packets per video (recorded in its metadata)")
-    p.add_argument("--shard-size", type=positive_int, default=16, metavar="V",
-                   help="videos per shard")
-    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="W",
-                   help="worker processes, one shard each at a time")
-    p.add_argument("--threads", type=non_negative_int, default=0, metavar="T",
+    add_shard_size(p, "videos per shard")
+    p.add_argument("--workers", type=positive_int, default=default_of(IngestSettings, "workers"),
+                   metavar="W", help="worker processes, one shard each at a time")
+    p.add_argument("--threads", type=non_negative_int,
+                   default=default_of(DecodeSettings, "threads"), metavar="T",
                    help="decoder threads per worker (0: cores / busy workers)")
     p.add_argument("--retry-failed", action="store_true",
                    help="redo finished shards that recorded failed videos")

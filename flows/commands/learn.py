@@ -7,7 +7,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from flows import console
-from flows.options import EXIT_OK, add_command, non_negative_float, non_negative_int, positive_int
+from flows.options import (
+    EXIT_OK,
+    add_command,
+    default_of,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from stores.errors import UserError
 
 
@@ -151,7 +158,7 @@ def _run_train_reader(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- train
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    from refocus.settings import FILTER_STATISTICS, VAL_SPLIT, GRPOSettings
+    from refocus.settings import FILTER_STATISTICS, GRPOSettings, RunSettings
 
     d = GRPOSettings()
     p = add_command(
@@ -173,7 +180,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     )
     _store_options(p)
     _reward_options(p)
-    p.add_argument("--reference-batch", type=positive_int, default=8, metavar="B",
+    p.add_argument("--reference-batch", type=positive_int,
+                   default=default_of(RunSettings, "reference_batch"), metavar="B",
                    help="(question, subset) pairs per LMM forward; halves itself on GPU "
                         "out-of-memory")
     p.add_argument("--surrogate", metavar="SPEC",
@@ -208,16 +216,19 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="what the filter compares across windows: margin (the reference's "
                         "correct-option logit minus the best other one, the paper's) or reward "
                         "(tanh(margin / 2), bounded by 1, so a threshold means far more)")
-    p.add_argument("--val-split", default=VAL_SPLIT, metavar="SPLIT",
+    p.add_argument("--val-split", default=default_of(RunSettings, "val_split"), metavar="SPLIT",
                    help="the split whose questions choose the best checkpoint; training stops "
                         "when it has none, unless you pass --val-split train to choose on "
                         "training questions")
-    p.add_argument("--eval-every", type=positive_int, default=50, metavar="STEPS")
-    p.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="STEPS")
+    p.add_argument("--eval-every", type=positive_int, default=default_of(RunSettings, "eval_every"),
+                   metavar="STEPS")
+    p.add_argument("--checkpoint-every", type=positive_int,
+                   default=default_of(RunSettings, "checkpoint_every"), metavar="STEPS")
     p.add_argument("--curriculum", choices=("cumulative", "stages"), default=d.curriculum,
                    help="cumulative: each step draws k from the stages reached so far; stages: "
                         "only the current stage's k (the paper)")
-    p.add_argument("--hidden", type=positive_int, default=64, help="policy width")
+    p.add_argument("--hidden", type=positive_int, default=default_of(RunSettings, "hidden"),
+                   help="policy width")
     p.add_argument("--seed", type=non_negative_int, default=d.seed)
     _objective_options(p.add_argument_group("objective"), d)
     p.set_defaults(run=_run_train)
@@ -350,7 +361,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    from refocus.settings import EVAL_RESAMPLES, EVAL_SEEDS, LMM_CEILING_FRAMES
+    from refocus.settings import EVAL_RESAMPLES, EVAL_SEEDS, LMM_CEILING_FRAMES, REFERENCE_BATCH
 
     p = add_command(
         sub, "eval", "compare frame selectors: accuracy per judge and evidence recall",
@@ -371,7 +382,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--k", type=_ints, default=(4, 8, 16), metavar="K,K,...")
     p.add_argument("--judge", action="append", default=[], metavar="SPEC", help=JUDGE_HELP)
-    p.add_argument("--reference-batch", type=positive_int, default=8, metavar="B",
+    p.add_argument("--reference-batch", type=positive_int, default=REFERENCE_BATCH, metavar="B",
                    help="with an lmm: judge, (question, subset) pairs per forward")
     _reward_options(p, "a judge, as one --judge (kept for earlier commands)", required=False)
     p.add_argument("--policy", nargs="*", default=[], metavar="RUN",

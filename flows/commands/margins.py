@@ -17,7 +17,7 @@ from stores.errors import UserError
 def add_margin_options(g: Any) -> None:
     """Which subsets are scored and how they are batched (precompute-margins and
     train-reader --distill)."""
-    from refocus.settings import MarginSettings
+    from refocus.settings import REFERENCE_BATCH, MarginSettings
 
     d = MarginSettings()
     g.add_argument("--subsets-per-question", type=positive_int, default=d.subsets_per_question,
@@ -27,7 +27,7 @@ def add_margin_options(g: Any) -> None:
                    help="subset sizes, drawn among these")
     g.add_argument("--questions-per-chunk", type=positive_int, default=d.questions_per_chunk,
                    metavar="Q", help="questions per chunk (one file, one resumable step)")
-    g.add_argument("--reference-batch", type=positive_int, default=8, metavar="B",
+    g.add_argument("--reference-batch", type=positive_int, default=REFERENCE_BATCH, metavar="B",
                    help="(question, subset) pairs per LMM forward; halves itself on GPU "
                         "out-of-memory")
     lmm_options(g)

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from flows import console
+from flows.commands.features import add_batch_size
 from flows.options import (
     EXIT_FAILURES,
     EXIT_OK,
     add_command,
     add_network_options,
+    default_of,
     network_settings,
     non_negative_int,
     positive_int,
 )
+from pipelines.settings import EXPORTS, EmbedSettings, ScoreSettings
 
 
 def add_score(sub: argparse._SubParsersAction) -> None:
@@ -43,19 +45,20 @@ def add_score(sub: argparse._SubParsersAction) -> None:
                    help="frames per question (default: the largest budget the policy was "
                         "trained on, as its run records it)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--export", choices=("none", "jpeg", "webdataset"), default="none",
+    p.add_argument("--export", choices=EXPORTS, default=default_of(ScoreSettings, "export"),
                    help="also copy the chosen frames out: a JPEG folder per question, or "
                         "WebDataset shards with one sample per question")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="encoder (default: the one the policy's training store was embedded "
                         "with, as recorded there)")
     p.add_argument("--pretrained", default=None, metavar="TAG|FILE", help="its weights")
-    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="W",
+    p.add_argument("--workers", type=positive_int,
+                   default=default_of(ScoreSettings, "ingest_workers"), metavar="W",
                    help="ingest worker processes")
-    p.add_argument("--embed-workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
-                   metavar="W", help="DataLoader processes for embedding")
-    p.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
-                   help="frames per encoder forward")
+    p.add_argument("--embed-workers", type=non_negative_int,
+                   default=default_of(EmbedSettings, "workers"), metavar="W",
+                   help="DataLoader processes for embedding")
+    add_batch_size(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
     add_network_options(p)
     p.set_defaults(run=_run_score)
