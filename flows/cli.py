@@ -36,6 +36,7 @@ from flows.commands import (
     synth,
     vlm,
 )
+from flows.config import add_config_option, apply_config, leaves, write_resolved
 from flows.options import (  # noqa: F401  (exit codes are part of this module's interface)
     EPILOG,
     EXIT_FAILURES,
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    for command in leaves(parser):
+        add_config_option(command)
     return parser
 
 
@@ -115,9 +118,18 @@ def unexpected(error: Exception, command: str, argv: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
-        return args.run(args)
+        apply_config(parser, argv)  # --config FILE: its values become the defaults
+    except UserError as e:
+        console.error(str(e))
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
+    try:
+        status = args.run(args)
+        if status in (EXIT_OK, EXIT_FAILURES):
+            write_resolved(parser, argv, args)
+        return status
     except UserError as e:
         console.error(str(e))
         return EXIT_USAGE

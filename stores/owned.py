@@ -46,6 +46,7 @@ MADE_NAMES = (
     "q-*", LOCKS, "shard-??????", "???_*s.jpg", "selection.json",
     "chunk-??????.npz", "chunk-??????.done.json", "meta.json", "margins",
     "model",  # refocus train-vlm
+    "resolved-config.yaml",  # every command's resolved options (flows/config.py)
 )
 
 
@@ -161,6 +162,20 @@ def claim(path: str | os.PathLike[str], kind: str, *,
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
     os.replace(tmp, out / MARKER)
     return Owned(out, kind)
+
+
+def write_made(folder: str | os.PathLike[str], name: str, text: str) -> Path | None:
+    """Write ``text`` as ``name`` (a name refocus makes) into ``folder`` when refocus owns it
+    (it carries the marker), atomically; a folder refocus does not own is left alone."""
+    if not is_made(name):
+        raise ValueError(f"refocus does not write {name!r}: not a name it makes")
+    path = Path(folder)
+    if not path.is_dir() or output_kind(path) is None:
+        return None
+    tmp = path / f"{name}.{os.getpid()}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path / name)
+    return path / name
 
 
 def check_output_file(path: str | os.PathLike[str], *, overwrite: bool = False,
