@@ -121,7 +121,7 @@ def build_index(directory: str | os.PathLike[str], settings: IndexSettings | Non
     folder = Path(directory) / INDEX_DIR
     use_gpu = gpu_available() if settings.gpu is None else settings.gpu
     saved = _saved(folder, store, settings, n)
-    if saved is not None and saved[0].ntotal == n:
+    if saved is not None and saved[0].ntotal == saved[1].get("frames") == n:
         return {**saved[1], "added": 0, "built": False}  # up to date: not rewritten
     first = 0 if saved is None else saved[0].ntotal
     vectors = np.ascontiguousarray(embedding[first:n], dtype=np.float32)
