@@ -309,6 +309,9 @@ def _grown_manifest(out: Path, manifest: Manifest) -> Manifest:
     if not path.exists():
         return manifest
     stored = read_manifest(path)
+    if stored.issues:  # refocus wrote it validated: a bad row is damage, not user input
+        raise UserError(f"{path}: damaged ({stored.issues[0]}); remove the ingest folder "
+                        f"{out} and run ingest again")
     videos = {v.id: v for v in stored.videos} | {v.id: v for v in manifest.videos}
     questions = {q.qid: q for q in stored.questions} | {q.qid: q for q in manifest.questions}
     return Manifest(list(videos.values()), list(questions.values()), list(manifest.issues))

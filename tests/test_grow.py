@@ -271,3 +271,13 @@ def test_an_ivf_index_gets_the_new_rows_added_and_a_kind_change_rebuilds(tmp_pat
     _write(tmp_path, [150, 150, 120, 90, 50], rng)
     rebuilt = build_index(tmp_path, flat)
     assert (rebuilt["kind"], rebuilt["built"], rebuilt["added"]) == ("ivf", True, 560)
+
+
+def test_a_damaged_stored_manifest_is_refused_in_one_line(grown, corpus, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(grown["shards"], shards)
+    with open(shards / "manifest.jsonl", "a") as f:
+        f.write('{"type": "video"}\n')  # a row refocus never writes
+    assert ingest(corpus / "all.jsonl", shards) == EXIT_USAGE
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "manifest.jsonl: damaged (" in line and "run ingest again" in line
