@@ -202,8 +202,10 @@ def preprocess_flow(inputs: list[str], root: str,  # defaults: the settings data
                     retries: int = default_of(Orchestration, "retries"),
                     network: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flow to schedule: the videos under ``inputs`` → ROOT/shards → ROOT/features.
-    Each run finishes what earlier runs left (finished shards are skipped); the plan is fixed
-    by the first run, so a grown corpus goes to a new ROOT. Plain parameters only, so a
+    Each run finishes what earlier runs left (finished shards are skipped) and picks up what
+    the inputs gained: new videos in a watched folder or manifest become new shards, new
+    feature rows and new index entries, and nothing earlier runs wrote is rewritten (a video
+    gone from the inputs stays; other frame settings are refused). Plain parameters only, so a
     deployment can carry them (``network``: ``NetworkSettings`` fields); the task runner comes
     from ``with_runner``."""
     o = Orchestration(retries=retries)

@@ -33,7 +33,7 @@ from pipelines.decode import DecodeSettings, VideoDecoder, VideoError
 from pipelines.workers import die_with_parent
 from stores import shards
 from stores.errors import UserError
-from stores.manifest import Issue, Manifest, Video, write_manifest
+from stores.manifest import Issue, Manifest, Video, read_manifest, write_manifest
 from stores.owned import Owned, claim
 from stores.urls import NetworkSettings
 
@@ -114,10 +114,15 @@ class IngestSummary:
         return {**asdict(self), "frames_per_second": round(self.frames_per_second, 2)}
 
 
-def plan_shards(videos: list[Video], shard_size: int) -> list[list[str]]:
-    """Video ids per shard: consecutive runs of ``shard_size`` in manifest order."""
-    ids = [v.id for v in videos]
-    return [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
+def plan_shards(videos: list[Video], shard_size: int,
+                planned: list[list[str]] | None = None) -> list[list[str]]:
+    """Video ids per shard, append-only: the shards already ``planned`` unchanged, then the
+    videos in none of them, in consecutive runs of ``shard_size`` in manifest order. A grown
+    corpus gets new shards; a video gone from the inputs keeps its place."""
+    old = [list(ids) for ids in planned or []]
+    seen = {i for ids in old for i in ids}
+    ids = [v.id for v in videos if v.id not in seen]
+    return old + [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
 
 
 SHARD_LOCK_WAIT = 30.0  # seconds
@@ -280,16 +285,36 @@ def _with_decoder_threads(settings: IngestSettings, shards_to_do: int) -> Ingest
     return replace(settings, decode=replace(settings.decode, threads=threads))
 
 
-def _check_plan(out: Path, plan: dict[str, Any]) -> None:
+def _check_plan(out: Path, settings: dict[str, Any]) -> list[list[str]]:
+    """The shards planned by earlier runs in ``out`` (none for a new folder); an ingest made
+    with other output settings is refused (its shards would mix two kinds of frames)."""
     existing = shards.read_plan(out)
     if existing is None:
-        return
-    same = existing.get("settings") == plan["settings"] and existing.get("shards") == plan["shards"]
-    if not same:
+        return []
+    if existing.get("settings") != settings:
+        changed = sorted(k for k in {*settings, *existing["settings"]}
+                         if settings.get(k) != existing["settings"].get(k))
         raise UserError(
-            f"{out}: holds an ingest of other videos or settings (see {shards.PLAN_FILE}); "
-            "resume with the same inputs and options, or choose another --out"
+            f"{out}: holds an ingest made with other settings ({', '.join(changed)}; see "
+            f"{shards.PLAN_FILE}); resume with the same options, or choose another --out"
         )
+    return existing["shards"]
+
+
+def _grown_manifest(out: Path, manifest: Manifest) -> Manifest:
+    """The corpus as ingested so far (``manifest.jsonl``) grown by ``manifest``: a video or
+    question of the inputs replaces the stored one of its id, the others are added, and the
+    stored ones gone from the inputs stay (their shards and features stay too)."""
+    path = out / shards.MANIFEST_FILE
+    if not path.exists():
+        return manifest
+    stored = read_manifest(path)
+    if stored.issues:  # refocus wrote it validated: a bad row is damage, not user input
+        raise UserError(f"{path}: damaged ({stored.issues[0]}); remove the ingest folder "
+                        f"{out} and run ingest again")
+    videos = {v.id: v for v in stored.videos} | {v.id: v for v in manifest.videos}
+    questions = {q.qid: q for q in stored.questions} | {q.qid: q for q in manifest.questions}
+    return Manifest(list(videos.values()), list(questions.values()), list(manifest.issues))
 
 
 @dataclass
@@ -333,12 +358,13 @@ def ingest_job(manifest: Manifest, out: str | os.PathLike[str], settings: Ingest
         raise UserError("no videos to ingest: the inputs hold no usable video rows")
     owned = claim_ingest(manifest, out, inputs)
     out_dir = Path(out)
-    plan = {"settings": settings.output_settings(),
-            "shards": plan_shards(manifest.videos, settings.shard_size)}
     with owned.lock():
-        _check_plan(out_dir, plan)
+        planned = _check_plan(out_dir, settings.output_settings())
         for pattern in INGEST_TEMPORARIES:
             owned.remove_stale(pattern)
+        manifest = _grown_manifest(out_dir, manifest)
+        plan = {"settings": settings.output_settings(),
+                "shards": plan_shards(manifest.videos, settings.shard_size, planned)}
         shards.write_plan(out_dir, plan)
         write_manifest(out_dir / shards.MANIFEST_FILE, manifest)
         by_id = {v.id: v for v in manifest.videos}

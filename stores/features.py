@@ -21,9 +21,13 @@ Layout of a feature folder (``refocus embed --out DIR``)::
     summary.json
 
 Rows follow the ingest plan's order of landed videos, so the layout is fixed before any
-embedding is computed. Writes go through one process only (the folder lock refuses a second)
-and Zarr writes every chunk file atomically (temporary file, then rename), so a boundary chunk
-shared by two input shards is always whole: a kill leaves either its old or its new bytes.
+embedding is computed. The store grows with its corpus: when the ingest plan gains shards
+(new videos), the arrays are resized and the new videos' rows appended after the old ones;
+the old rows, their chunk files (but the one chunk the old and new rows share) and their
+done markers are never rewritten, so frame rows (and FAISS ids) of old videos stay put.
+Writes go through one process only (the folder lock refuses a second) and Zarr writes every
+chunk file atomically (temporary file, then rename), so a boundary chunk shared by two input
+shards is always whole: a kill leaves either its old or its new bytes.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if RANDOM_WEIGHTS in (a.get("weights_sha256"), b.get("weights_sha256")):
         return False
     return all(a.get(k) == b.get(k) for k in IDENTITY_KEYS)
+
+
+VIDEO_CHUNK_ROWS = 4096  # per-video arrays: few files however often a corpus grows
 
 
 def chunk_rows(dim: int) -> int:
@@ -167,10 +174,13 @@ class FeatureWriter:
         video = group.create_array("frames/video", shape=(n,), chunks=(rows * 8,),
                                    dtype="int32", compressors=None)
         video[:] = np.repeat(np.arange(v, dtype=np.int32), layout.frame_counts)
-        group.create_array("videos/id", shape=(v,), dtype=str)[:] = np.array(
+        per_video = (VIDEO_CHUNK_ROWS,)
+        group.create_array("videos/id", shape=(v,), chunks=per_video, dtype=str)[:] = np.array(
             layout.video_ids, dtype=object)
-        group.create_array("videos/offsets", shape=(v + 1,), dtype="int64")[:] = layout.offsets
-        group.create_array("videos/duration", shape=(v,), dtype="float64", fill_value=np.nan)
+        group.create_array("videos/offsets", shape=(v + 1,), chunks=per_video,
+                           dtype="int64")[:] = layout.offsets
+        group.create_array("videos/duration", shape=(v,), chunks=per_video, dtype="float64",
+                           fill_value=np.nan)
         group.attrs.update({
             "format": "refocus-features", "version": FORMAT_VERSION, "encoder": encoder,
             "ingest": ingest, "n_frames": n, "n_videos": v, "dim": dim,
@@ -179,12 +189,40 @@ class FeatureWriter:
         return zarr.open_group(self.path, mode="r+")
 
     def _check_same(self, encoder: dict[str, Any], ingest: dict[str, Any]) -> None:
+        """Reopen for the same layout, or for one that grew (more videos after the same
+        ones: the store is extended); any other layout is refused."""
         from_store = FeatureStore(self.directory)
         from_store.check_encoder(encoder)
-        if from_store.video_ids != self.layout.video_ids or not np.array_equal(
-                from_store.offsets, self.layout.offsets):
+        old = len(from_store.video_ids)
+        grown = (from_store.video_ids == self.layout.video_ids[:old]
+                 and np.array_equal(from_store.offsets, self.layout.offsets[:old + 1]))
+        if not grown:
             raise UserError(f"{self.directory}: holds features of other videos than these "
                             "shards; choose another --out")
+        if old < len(self.layout.video_ids) or self.group.attrs.get("n_videos") != old:
+            self._extend(old)  # (again, when an extension was killed before its end)
+
+    def _extend(self, old_videos: int) -> None:
+        """Grow every array to the layout and append the new videos' rows (ids, offsets,
+        frame → video). ``videos/offsets`` is written last: until then the store reads as
+        its old self, and a killed extension is simply redone."""
+        layout, group = self.layout, self.group
+        n, v = layout.n_frames, len(layout.video_ids)
+        offsets = layout.offsets
+        first = int(offsets[old_videos])
+        for name in ("frames/embedding", "frames/time", "frames/video"):
+            group[name].resize((n, *group[name].shape[1:]))
+        if n > first:
+            group["frames/video"][first:] = np.repeat(
+                np.arange(old_videos, v, dtype=np.int32), layout.frame_counts[old_videos:])
+        group["videos/duration"].resize((v,))
+        group["videos/id"].resize((v,))
+        if v > old_videos:
+            group["videos/id"][old_videos:] = np.array(layout.video_ids[old_videos:],
+                                                       dtype=object)
+        group["videos/offsets"].resize((v + 1,))
+        group["videos/offsets"][old_videos + 1:] = offsets[old_videos + 1:]
+        group.attrs.update({"n_frames": n, "n_videos": v})
 
     def done(self, shard: int) -> bool:
         return (_progress(self.directory) / f"shard-{shard:06d}.done.json").exists()
@@ -258,8 +296,10 @@ class FeatureStore:
         self.encoder: dict[str, Any] = dict(attrs["encoder"])
         self.ingest: dict[str, Any] = dict(attrs.get("ingest", {}))
         self.dim = int(attrs["dim"])
-        self.video_ids: list[str] = [str(v) for v in self.group["videos/id"][:]]
         self.offsets = self.group["videos/offsets"][:]
+        # an extension killed before its offsets were written reads as the store before it
+        n_videos = len(self.offsets) - 1
+        self.video_ids: list[str] = [str(v) for v in self.group["videos/id"][:n_videos]]
         self._video_row = {vid: i for i, vid in enumerate(self.video_ids)}
         self._qid_row: dict[str, int] | None = None
 

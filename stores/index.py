@@ -1,7 +1,13 @@
 """FAISS index over a feature store's frame embeddings (inner product = cosine similarity).
 
-Built once, after all of a store's frames are written, from ``frames/embedding``; saved under
-``index/`` beside the store. Ids are the 64-bit frame rows of the store, which map back to
+Brought up to date after all of a store's frames are written, from ``frames/embedding``;
+saved under ``index/`` beside the store. When the store grew (``stores/features.py``), the new
+rows are added to the saved index rather than the index rebuilt: the old ids and vectors stay
+as they are, an IVF index keeps its trained lists (no re-training on every scheduled run), and
+the work is the new rows only. It is rebuilt from scratch when the store grew past
+``ivf_threshold`` (flat → IVF), when an IVF index would want more than twice its lists, or when
+the settings or the encoder differ. Either way an id is a frame row, so old ids keep mapping to
+the same frames. Ids are the 64-bit frame rows of the store, which map back to
 (video, frame within the video, timestamp) through ``frames/video``, ``videos/offsets`` and
 ``frames/time``. Exact inner product (``IndexFlatIP``) up to ``ivf_threshold`` frames, an
 inverted file (``IndexIVFFlat``, ``nlist ≈ 4·√n``, trained on a fixed sample) beyond. On a
@@ -59,36 +65,75 @@ def _on_gpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_gpu(resources, 0, index)
 
 
+def _kind(n: int, settings: IndexSettings) -> tuple[str, int]:
+    """The index the settings want for ``n`` frames: ("flat", 0) or ("ivf", lists)."""
+    if n <= settings.ivf_threshold:
+        return "flat", 0
+    return "ivf", settings.nlist or max(1, int(4 * math.sqrt(n)))
+
+
+def _saved(folder: Path, store: FeatureStore, settings: IndexSettings,
+           n: int) -> tuple[faiss.Index, dict[str, Any]] | None:
+    """The saved index and its description when the new rows can be added to it: same
+    settings and encoder, the kind the settings want for ``n`` frames, and at most ``n``
+    vectors (it may hold fewer than its description says, when a run was killed between
+    writing the two; its own count is what counts)."""
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+        index = faiss.read_index(str(folder / INDEX_FILE))
+    except (OSError, ValueError, RuntimeError):
+        return None
+    kind, nlist = _kind(n, settings)
+    fits = (info.get("settings") == asdict(settings) and info.get("dim") == store.dim
+            and info.get("encoder_sha256") == store.encoder.get("weights_sha256")
+            and info.get("kind") == kind and index.ntotal <= n
+            and (kind == "flat" or nlist <= 2 * int(info.get("nlist", 0))))
+    return (index, info) if fits else None
+
+
+def _new_index(vectors: np.ndarray, settings: IndexSettings, use_gpu: bool) -> faiss.Index:
+    """A trained, empty index of the kind the settings want for these vectors."""
+    n, dim = vectors.shape
+    kind, nlist = _kind(n, settings)
+    if kind == "flat":
+        index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        return _on_gpu(index) if use_gpu else index
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    if use_gpu:
+        index = _on_gpu(index)
+    sample = min(n, settings.train_sample * nlist)
+    rows = np.sort(np.random.default_rng(0).choice(n, size=sample, replace=False))
+    index.train(vectors[rows])
+    return index
+
+
 def build_index(directory: str | os.PathLike[str], settings: IndexSettings | None = None,
                 ) -> dict[str, Any]:
-    """Build and save the frame index of the store in ``directory``; returns its description."""
+    """Bring the frame index of the store in ``directory`` up to date (build it, add the rows
+    it lacks, or leave it) and save it; returns its description (``added``: the rows this
+    call added, ``built``: whether it was built from scratch)."""
     settings = settings or IndexSettings()
     store = FeatureStore(directory)
-    vectors = np.ascontiguousarray(store.group["frames/embedding"][...], dtype=np.float32)
-    n, dim = vectors.shape
+    embedding = store.group["frames/embedding"]
+    n, dim = store.n_frames, store.dim
     if n == 0:
         raise UserError(f"{directory}: the store has no frames to index")
-    ids = np.arange(n, dtype=np.int64)
+    folder = Path(directory) / INDEX_DIR
     use_gpu = gpu_available() if settings.gpu is None else settings.gpu
-    if n <= settings.ivf_threshold:
-        kind, nlist = "flat", 0
-        index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        if use_gpu:
-            index = _on_gpu(index)
-        index.add_with_ids(vectors, ids)
+    saved = _saved(folder, store, settings, n)
+    if saved is not None and saved[0].ntotal == saved[1].get("frames") == n:
+        return {**saved[1], "added": 0, "built": False}  # up to date: not rewritten
+    first = 0 if saved is None else saved[0].ntotal
+    vectors = np.ascontiguousarray(embedding[first:n], dtype=np.float32)
+    if saved is None:
+        index = _new_index(vectors, settings, use_gpu)
+        kind, nlist = _kind(n, settings)
     else:
-        kind = "ivf"
-        nlist = settings.nlist or max(1, int(4 * math.sqrt(n)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        if use_gpu:
-            index = _on_gpu(index)
-        sample = min(n, settings.train_sample * nlist)
-        rows = np.sort(np.random.default_rng(0).choice(n, size=sample, replace=False))
-        index.train(vectors[rows])
-        index.add_with_ids(vectors, ids)
+        index = _on_gpu(saved[0]) if use_gpu else saved[0]
+        kind, nlist = saved[1]["kind"], int(saved[1]["nlist"])  # the lists it was trained with
+    index.add_with_ids(vectors, np.arange(first, n, dtype=np.int64))
     if use_gpu:
         index = faiss.index_gpu_to_cpu(index)
-    folder = Path(directory) / INDEX_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (INDEX_FILE + ".tmp")
     faiss.write_index(index, str(tmp))
@@ -97,7 +142,7 @@ def build_index(directory: str | os.PathLike[str], settings: IndexSettings | Non
             "gpu": use_gpu, "encoder_sha256": store.encoder.get("weights_sha256"),
             "settings": asdict(settings)}
     write_json_atomic(folder / INFO_FILE, info)
-    return info
+    return {**info, "added": n - first, "built": saved is None}
 
 
 class FrameIndex:

@@ -2,8 +2,9 @@
 
 Layout of an ingest folder::
 
-    plan.json                  which videos go to which shard, and the settings (fixed up front)
-    manifest.jsonl             the corpus as ingested (videos and questions)
+    plan.json                  which videos go to which shard, and the settings (fixed up
+                               front; append-only: a grown corpus adds shards at the end)
+    manifest.jsonl             the corpus as ingested (videos and questions; grows with it)
     shard-000000.tar           samples: <id>.json, <id>.000000.jpg, <id>.000001.jpg, ...
     shard-000000.done.json     written last: the shard's samples (position, byte range, frames),
                                its failures and timings. A shard without it is not done.

@@ -156,7 +156,8 @@ def test_other_settings_on_an_existing_folder_are_refused(tmp_path, videos, caps
     out = tmp_path / "out"
     assert run_cli("ingest", videos / "realshort.mp4", "--out", out) == EXIT_OK
     assert run_cli("ingest", videos / "realshort.mp4", "--out", out, "--fps", "2") == EXIT_USAGE
-    assert "holds an ingest of other videos or settings" in capsys.readouterr().err
+    assert "holds an ingest made with other settings (fps; see plan.json)" in (
+        capsys.readouterr().err)
 
 
 def test_a_folder_in_use_is_refused(tmp_path, videos, capsys):
