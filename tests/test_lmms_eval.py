@@ -29,7 +29,7 @@ from stores.manifest import build_manifest
 from stores.selections import FrameSelection, SelectionsMeta, write_selections
 from stores.shards import ShardSet
 
-EXAMPLE = REPO / "examples" / "lmms_eval"
+EXAMPLE = REPO / "pipelines" / "lmms_tasks"
 VIDEOS = {"fFjv93ACGo8": 14, "-ab_XY12cd3": 10}  # YouTube-style ids, frames per video
 PICKS = {  # qid → (video, question, frame positions in the shard sample)
     "001-1": ("fFjv93ACGo8", "What colour is the corner?", [1, 6, 11]),
@@ -159,7 +159,7 @@ def test_uniform_baseline_gives_as_many_evenly_spaced_frames(env):
     got = hooks.reader_for().images(hooks.reader_for().selection("001-1"), uniform=True)
     times = ShardSet(env.parent / "shards").read("fFjv93ACGo8").meta["timestamps"]
     assert got.frame_indices == spaced and got.timestamps == [times[i] for i in spaced]
-    assert hooks.uniform_indices(5, 9) == [0, 1, 2, 3, 4] and hooks.uniform_indices(5, 1) == [0]
+    assert hooks.linspace_indices(5, 9) == [0, 1, 2, 3, 4] and hooks.linspace_indices(5, 1) == [0]
 
 
 def test_several_matching_questions_are_told_apart_by_options(scored, tmp_path):
