@@ -21,7 +21,8 @@ lmms-eval documents carry the options inside the question). Several selections t
 are told apart by their options; a document that matches none is a one-line
 :class:`UserError` naming the question and the folder, never a silent uniform fallback.
 
-Use from an lmms-eval task's ``utils.py`` (see ``examples/lmms_eval``)::
+Use from an lmms-eval task's ``utils.py`` (see ``pipelines/lmms_tasks``), or let the ``refocus``
+model of :mod:`pipelines.lmms_plugin` route any task's requests through :class:`RequestRouter`::
 
     from pipelines.lmms_eval import make_doc_to_visual
     videomme_refocus_doc_to_visual = make_doc_to_visual(id_field="question_id")
