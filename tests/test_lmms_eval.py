@@ -93,7 +93,7 @@ def assert_same_frames(images: list[Image.Image], expected: list[np.ndarray]) ->
 
 
 def load_utils():
-    """examples/lmms_eval/utils.py, loaded the way lmms-eval resolves `!function utils.x`
+    """pipelines/lmms_tasks/utils.py, loaded the way lmms-eval resolves `!function utils.x`
     (spec_from_file_location on the file beside the YAML, a fresh module each time)."""
     spec = importlib.util.spec_from_file_location("utils", EXAMPLE / "utils.py")
     module = importlib.util.module_from_spec(spec)
