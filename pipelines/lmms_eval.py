@@ -21,7 +21,8 @@ lmms-eval documents carry the options inside the question). Several selections t
 are told apart by their options; a document that matches none is a one-line
 :class:`UserError` naming the question and the folder, never a silent uniform fallback.
 
-Use from an lmms-eval task's ``utils.py`` (see ``examples/lmms_eval``)::
+Use from an lmms-eval task's ``utils.py`` (see ``pipelines/lmms_tasks``), or let the ``refocus``
+model of :mod:`pipelines.lmms_plugin` route any task's requests through :class:`RequestRouter`::
 
     from pipelines.lmms_eval import make_doc_to_visual
     videomme_refocus_doc_to_visual = make_doc_to_visual(id_field="question_id")
@@ -36,7 +37,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ class SelectedImages:
     timestamps: list[float]  # seconds in the source video, ascending
     frame_indices: list[int]  # positions in the video's shard sample
     failed: list[str] = field(default_factory=list)  # one line per frame left out
+    fps: float | None = None  # the source video's frame rate, when ingest recorded it
+    duration: float | None = None  # the source video's length in seconds, when recorded
 
 
 def _norm_text(text: Any) -> str:
@@ -83,9 +86,12 @@ def _norm_options(options: Any) -> tuple[str, ...] | None:
     return tuple(_norm_text(o) for o in strip_letters([str(o) for o in options]))
 
 
-def uniform_indices(n: int, k: int) -> list[int]:
+def linspace_indices(n: int, k: int) -> list[int]:
     """``k`` positions evenly spaced over ``n`` frames, first and last included, as lmms-eval
-    samples videos (``np.linspace(0, n - 1, k, dtype=int)``); all ``n`` when ``k >= n``."""
+    samples videos (``np.linspace(0, n - 1, k, dtype=int)``); all ``n`` when ``k >= n``.
+
+    Not :func:`refocus.selectors.uniform_indices`, which takes the middle of ``k`` equal
+    parts: this is lmms-eval's own way, so that the baseline matches the stock tasks."""
     if k <= 0 or n <= 0:
         return []
     if k >= n:
@@ -94,6 +100,11 @@ def uniform_indices(n: int, k: int) -> list[int]:
         return [0]
     step = (n - 1) / (k - 1)  # the same float arithmetic as numpy's linspace
     return [int(i * step) for i in range(k - 1)] + [n - 1]
+
+
+def _positive(meta: Mapping[str, Any], key: str) -> float | None:
+    value = meta.get(key)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def video_id_candidates(value: Any) -> list[str]:
@@ -184,15 +195,20 @@ class SelectedFrames:
                             f"several selections in {self.folder} ({qids}); match by question id")
         return matches[0] if matches else None
 
-    def for_doc(self, doc: Mapping[str, Any], *, id_field: str | None = "question_id",
+    def for_doc(self, doc: Mapping[str, Any], *,
+                id_field: str | Sequence[str] | None = "question_id",
                 video_fields: Sequence[str] = DEFAULT_VIDEO_FIELDS,
                 question_fields: Sequence[str] = DEFAULT_QUESTION_FIELDS,
                 option_fields: Sequence[str] = DEFAULT_OPTION_FIELDS) -> FrameSelection:
-        """The selection for an lmms-eval document: by ``doc[id_field]``, else by its video and
-        question. A :class:`UserError` naming the question and the folder when neither works."""
-        qid = doc.get(id_field) if id_field else None
-        if qid is not None and str(qid) in self._by_qid:
-            return self._by_qid[str(qid)]
+        """The selection for an lmms-eval document: by ``doc[id_field]`` (or the first of
+        several id fields that holds a scored id), else by its video and question.
+        A :class:`UserError` naming the question and the folder when neither works."""
+        id_fields = (id_field,) if isinstance(id_field, str) else tuple(id_field or ())
+        ids = [str(doc[f]) for f in id_fields if doc.get(f) is not None]
+        for qid in ids:
+            if qid in self._by_qid:
+                return self._by_qid[qid]
+        qid = ids[0] if ids else None
         video = next((doc[f] for f in video_fields if doc.get(f) not in (None, "")), None)
         question = next((doc[f] for f in question_fields if doc.get(f) not in (None, "")), None)
         options = next((doc[f] for f in option_fields if doc.get(f) is not None), None)
@@ -205,7 +221,8 @@ class SelectedFrames:
         elif video is not None:
             what = f"question {str(question)[:60]!r} about video {str(video)!r}"
         else:
-            what = f"document without {id_field!r} or a video field ({', '.join(video_fields)})"
+            what = (f"document without {'/'.join(id_fields) or 'an id field'} or a video field "
+                    f"({', '.join(video_fields)})")
         raise UserError(f"{what} has no selection in {self.folder} (score it with refocus "
                         "score, or check which document field holds the question id)")
 
@@ -265,6 +282,21 @@ class SelectedFrames:
                 self._samples.popitem(last=False)
         return sample
 
+    def positions(self, row: FrameSelection, *, uniform: bool = False
+                  ) -> tuple[list[int], list[float]]:
+        """The frame positions and times a question gets: its selection's, or with
+        ``uniform=True`` as many evenly spaced over its video's candidates."""
+        if not uniform:
+            return list(row.frame_indices), list(row.timestamps)
+        times = self.sample(row.video_id).meta["timestamps"]
+        indices = linspace_indices(len(times), len(row.frame_indices))
+        return indices, [float(times[i]) for i in indices]
+
+    def video_meta(self, video_id: str) -> tuple[float | None, float | None]:
+        """A video's frame rate and duration as ingest recorded them (None when not)."""
+        meta = self.sample(video_id).meta
+        return _positive(meta, "fps"), _positive(meta, "duration")
+
     def images(self, row: FrameSelection, *, uniform: bool = False) -> SelectedImages:
         """Decode a selection's frames from its video's shard sample (RGB, time order).
 
@@ -273,11 +305,9 @@ class SelectedFrames:
         so that a comparison changes nothing but which frames the model sees."""
         sample = self.sample(row.video_id)
         jpegs = sample.frames
-        indices, times = list(row.frame_indices), list(row.timestamps)
-        if uniform:
-            indices = uniform_indices(len(jpegs), len(indices))
-            times = [float(sample.meta["timestamps"][i]) for i in indices]
-        out = SelectedImages(row.qid, row.video_id, [], [], [])
+        indices, times = self.positions(row, uniform=uniform)
+        out = SelectedImages(row.qid, row.video_id, [], [], [], fps=_positive(sample.meta, "fps"),
+                             duration=_positive(sample.meta, "duration"))
         for index, time in zip(indices, times, strict=True):
             if not 0 <= index < len(jpegs):
                 raise UserError(f"question {row.qid!r}: frame {index} is not in video "
@@ -375,3 +405,175 @@ def timestamps_line(timestamps: Sequence[float]) -> str:
     n = len(timestamps)
     return f"The {n} frame{'s' if n != 1 else ''} {'were' if n != 1 else 'was'} taken at " \
            f"{times} of the video."
+
+
+# -- the lmms-eval model wrapper's logic (pipelines/lmms_plugin.py is the lmms subclass) ----------
+
+FRAMES_AS = ("video", "images")  # how frames reach the wrapped model
+FRAME_SOURCES = ("selected", "uniform")  # the policy's frames, or the baseline's
+DEFAULT_ID_FIELDS = ("question_id", "id")  # Video-MME, LongVideoBench; MLVU has none
+
+
+@dataclass(frozen=True)
+class DocPlan:
+    """What one lmms-eval document gets: its selection, the frame positions and times, and
+    the request metadata that says how the frames are to be taken."""
+
+    row: FrameSelection
+    frame_indices: list[int]
+    timestamps: list[float]
+    metadata: dict[str, Any]
+
+
+def video_metadata(timestamps: Sequence[float], fps: float | None,
+                   duration: float | None) -> dict[str, Any]:
+    """lmms-eval's "frames as video" request metadata for frames taken at ``timestamps``.
+
+    ``task_type: video`` with ``sample_frames`` makes a model that reads it (LLaVA-OneVision)
+    encode the list of images as one video (pooled tokens per frame) instead of as many
+    separate images; ``fps``, ``timestamps``, ``frames_indices`` (positions in the source
+    video at its frame rate), ``total_num_frames`` and ``duration`` are the fields of a
+    video's metadata that time-aware models (Qwen-VL) take their time positions from."""
+    meta: dict[str, Any] = {"task_type": "video", "sample_frames": len(timestamps),
+                            "timestamps": [float(t) for t in timestamps]}
+    if fps is not None:
+        meta["fps"] = fps
+        meta["frames_indices"] = [int(round(t * fps)) for t in timestamps]
+    if duration is not None:
+        meta["duration"] = duration
+        if fps is not None:
+            meta["total_num_frames"] = max(1, int(round(duration * fps)))
+    return meta
+
+
+class RequestRouter:
+    """Put refocus's frames in front of a wrapped lmms-eval model, for any video task.
+
+    lmms-eval hands a model ``Instance`` requests whose ``arguments`` end with
+    ``(doc_id, task, split)`` and carry the task's visual hook: ``doc_to_visual`` third for
+    the "simple" models, ``doc_to_messages`` second for the chat models. :meth:`route`
+    looks every request's document up (``task_dict[task][split][doc_id]``), finds its
+    selection, and returns copies whose hook gives the selected frames instead (decoded when
+    the model asks), with :func:`video_metadata` added to the request metadata when
+    ``frames_as="video"``. A document without a selection stops the run before the model
+    sees anything (:class:`UserError` naming it). Requests are grouped by frame count, so a
+    model that reads the first request's metadata for a whole call reads the right count.
+    """
+
+    def __init__(self, reader: SelectedFrames, *, frames_as: str = "video",
+                 frames: str = "selected",
+                 id_fields: Sequence[str] = DEFAULT_ID_FIELDS) -> None:
+        if frames_as not in FRAMES_AS:
+            raise UserError(f"frames_as={frames_as!r}: use one of {', '.join(FRAMES_AS)}")
+        if frames not in FRAME_SOURCES:
+            raise UserError(f"frames={frames!r}: use one of {', '.join(FRAME_SOURCES)}")
+        self.reader = reader
+        self.as_video = frames_as == "video"
+        self.uniform = frames == "uniform"
+        self.id_fields = tuple(id_fields)
+
+    def plan(self, doc: Mapping[str, Any]) -> DocPlan:
+        """The frames and request metadata of one document (no decoding)."""
+        row = self.reader.for_doc(doc, id_field=self.id_fields)
+        indices, times = self.reader.positions(row, uniform=self.uniform)
+        metadata = video_metadata(times, *self.reader.video_meta(row.video_id)) \
+            if self.as_video else {}
+        return DocPlan(row, indices, times, metadata)
+
+    def images(self, plan: DocPlan) -> list[Image.Image]:
+        """The plan's frames, decoded (RGB, time order)."""
+        return self.reader.images(plan.row, uniform=self.uniform).images
+
+    def plans(self, requests: Sequence[Any], task_dict: Mapping[str, Any]) -> list[DocPlan]:
+        """Every request's plan, or one :class:`UserError` naming the first document without
+        a selection and how many there are (nothing is decoded, no model call is made)."""
+        plans: list[DocPlan | None] = []
+        missing: list[str] = []
+        for request in requests:
+            doc_id, task, split = request.arguments[-3:]
+            try:
+                plans.append(self.plan(task_dict[task][split][doc_id]))
+            except UserError as e:
+                plans.append(None)
+                if not missing:
+                    missing.append(f"task {task!r} doc {doc_id}: {e}")
+                else:
+                    missing.append("")
+        if missing:
+            raise UserError(f"{len(missing)} of {len(requests)} requests have no selection "
+                            f"(refocus does not fall back to other frames); first: {missing[0]}")
+        return [p for p in plans if p is not None]
+
+    def route(self, requests: Sequence[Any], task_dict: Mapping[str, Any], *, simple: bool
+              ) -> list[list[tuple[int, Any]]]:
+        """The requests rewritten to carry refocus's frames, grouped by frame count:
+        ``[[(position in requests, new request), ...], ...]``."""
+        groups: dict[int, list[tuple[int, Any]]] = {}
+        for position, (request, plan) in enumerate(
+                zip(requests, self.plans(requests, task_dict), strict=True)):
+            args = list(request.arguments)
+            if simple:
+                args[2] = self._doc_to_visual(plan)
+            else:
+                args[1] = self._doc_to_messages(plan, args[1])
+            rewritten = replace(request, arguments=tuple(args),
+                                metadata={**request.metadata, **plan.metadata})
+            groups.setdefault(len(plan.frame_indices), []).append((position, rewritten))
+        return [groups[n] for n in sorted(groups)]
+
+    def _doc_to_visual(self, plan: DocPlan) -> Callable[[Any], list[Image.Image]]:
+        def doc_to_visual(doc: Any) -> list[Image.Image]:
+            return self.images(plan)
+        return doc_to_visual
+
+    def _doc_to_messages(self, plan: DocPlan, original: Callable[..., list[dict[str, Any]]]
+                         ) -> Callable[..., list[dict[str, Any]]]:
+        def doc_to_messages(doc: Any, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            return self.replace_visuals(original(doc, *args, **kwargs), self.images(plan))
+        return doc_to_messages
+
+    def replace_visuals(self, messages: list[dict[str, Any]], images: list[Image.Image]
+                        ) -> list[dict[str, Any]]:
+        """Chat messages with every image and video part taken out and the frames put where
+        the first one was (else at the start of the first user turn): one ``video`` part
+        holding the list of frames, or one ``image`` part per frame."""
+        frames = [{"type": "video", "url": images}] if self.as_video \
+            else [{"type": "image", "url": image} for image in images]
+        out: list[dict[str, Any]] = []
+        placed = False
+        for message in messages:
+            content = message.get("content")
+            if not isinstance(content, list):
+                out.append(message)
+                continue
+            parts: list[Any] = []
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") in ("image", "video"):
+                    if not placed:
+                        parts.extend(frames)
+                        placed = True
+                    continue
+                parts.append(part)
+            out.append({**message, "content": parts})
+        if not placed:
+            first_user = next((m for m in out if m.get("role") == "user"), None)
+            if first_user is None:
+                raise UserError("the task's messages have no user turn to put the frames in")
+            content = first_user.get("content")
+            text = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            first_user["content"] = [*frames, *text]
+        return out
+
+
+def in_request_order(groups: Sequence[Sequence[tuple[int, Any]]],
+                     results: Sequence[Sequence[Any]]) -> list[Any]:
+    """The results of :meth:`RequestRouter.route`'s groups, back in the requests' order."""
+    total = sum(len(group) for group in groups)
+    out: list[Any] = [None] * total
+    for group, answers in zip(groups, results, strict=True):
+        if len(answers) != len(group):
+            raise RuntimeError(f"the wrapped model answered {len(answers)} of {len(group)} "
+                               "requests")
+        for (position, _), answer in zip(group, answers, strict=True):
+            out[position] = answer
+    return out

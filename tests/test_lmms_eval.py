@@ -6,13 +6,18 @@ stores.selections, and the frames checked against an independent decode of the s
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import fnmatch
 import importlib.util
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +34,7 @@ from stores.manifest import build_manifest
 from stores.selections import FrameSelection, SelectionsMeta, write_selections
 from stores.shards import ShardSet
 
-EXAMPLE = REPO / "examples" / "lmms_eval"
+EXAMPLE = REPO / "pipelines" / "lmms_tasks"
 VIDEOS = {"fFjv93ACGo8": 14, "-ab_XY12cd3": 10}  # YouTube-style ids, frames per video
 PICKS = {  # qid → (video, question, frame positions in the shard sample)
     "001-1": ("fFjv93ACGo8", "What colour is the corner?", [1, 6, 11]),
@@ -88,7 +93,7 @@ def assert_same_frames(images: list[Image.Image], expected: list[np.ndarray]) ->
 
 
 def load_utils():
-    """examples/lmms_eval/utils.py, loaded the way lmms-eval resolves `!function utils.x`
+    """pipelines/lmms_tasks/utils.py, loaded the way lmms-eval resolves `!function utils.x`
     (spec_from_file_location on the file beside the YAML, a fresh module each time)."""
     spec = importlib.util.spec_from_file_location("utils", EXAMPLE / "utils.py")
     module = importlib.util.module_from_spec(spec)
@@ -159,7 +164,7 @@ def test_uniform_baseline_gives_as_many_evenly_spaced_frames(env):
     got = hooks.reader_for().images(hooks.reader_for().selection("001-1"), uniform=True)
     times = ShardSet(env.parent / "shards").read("fFjv93ACGo8").meta["timestamps"]
     assert got.frame_indices == spaced and got.timestamps == [times[i] for i in spaced]
-    assert hooks.uniform_indices(5, 9) == [0, 1, 2, 3, 4] and hooks.uniform_indices(5, 1) == [0]
+    assert hooks.linspace_indices(5, 9) == [0, 1, 2, 3, 4] and hooks.linspace_indices(5, 1) == [0]
 
 
 def test_several_matching_questions_are_told_apart_by_options(scored, tmp_path):
@@ -292,3 +297,159 @@ def test_task_yamls_parse_and_name_functions_that_exist_in_utils():
         assert module == "utils" and callable(getattr(utils, name)), tag
     readme = (EXAMPLE / "README.md").read_text()
     assert "--tasks videomme_refocus" in readme and "REFOCUS_SELECTIONS" in readme
+
+
+# -- the `refocus` lmms-eval model (pipelines/lmms_plugin.py): its logic, without lmms-eval ------
+
+@dataclasses.dataclass
+class Instance:
+    """lmms-eval 0.7.3's lmms_eval.api.instance.Instance, the fields a model reads."""
+
+    request_type: str
+    arguments: tuple
+    idx: int
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+DOCS = [  # a Video-MME doc, an LVB-style doc (id), an MLVU-style doc (no id)
+    {"question_id": "001-1", "videoID": "fFjv93ACGo8", "question": "?"},
+    {"id": "002-1", "video_id": "-ab_XY12cd3", "question": "?"},
+    {"video_name": "fFjv93ACGo8.mp4", "question": "How bright is the end?\n(A) x"},
+]
+
+
+def stock_visual(doc):  # what a stock video task's doc_to_visual gives: a path
+    return [f"/videos/{doc.get('videoID', 'x')}.mp4"]
+
+
+def simple_requests(docs=DOCS, task="vmme"):
+    return [Instance("generate_until", ("ctx", {}, stock_visual, i, task, "test"), 0,
+                     {"task": task, "doc_id": i, "repeats": 1}) for i in range(len(docs))]
+
+
+def test_router_gives_each_simple_request_its_frames_as_video_with_metadata(scored):
+    router = hooks.RequestRouter(hooks.SelectedFrames(scored))
+    task_dict = {"vmme": {"test": DOCS}}
+    requests = simple_requests()
+    groups = router.route(requests, task_dict, simple=True)
+    assert [[p for p, _ in g] for g in groups] == [[2], [0, 1]]  # by frame count: 2, then 3
+    shards = scored.parent / "shards"
+    expected = {0: ("fFjv93ACGo8", [1, 6, 11]), 1: ("-ab_XY12cd3", [2, 3, 8]),
+                2: ("fFjv93ACGo8", [0, 13])}
+    for group in groups:
+        for position, request in group:
+            vid, picks = expected[position]
+            _, _, doc_to_visual, doc_id, task, split = request.arguments
+            assert (doc_id, task, split) == (position, "vmme", "test")
+            assert_same_frames(doc_to_visual(DOCS[position]), tar_frames(shards, vid, picks))
+            meta = request.metadata
+            assert meta["task"] == "vmme" and meta["task_type"] == "video"
+            assert meta["sample_frames"] == len(picks) and meta["fps"] == 10
+            assert meta["frames_indices"] == picks  # every frame kept at 10 fps: t = i / 10
+            assert meta["timestamps"] == pytest.approx([i / 10 for i in picks])
+            assert meta["total_num_frames"] == VIDEOS[vid]
+    assert requests[0].arguments[2] is stock_visual and "task_type" not in requests[0].metadata
+    answers = [[f"answer {p}" for p, _ in g] for g in groups]
+    assert hooks.in_request_order(groups, answers) == ["answer 0", "answer 1", "answer 2"]
+
+
+def test_router_images_and_uniform_modes(scored):
+    task_dict = {"vmme": {"test": DOCS[:1]}}
+    shards = scored.parent / "shards"
+    images = hooks.RequestRouter(hooks.SelectedFrames(scored), frames_as="images")
+    [[(_, request)]] = images.route(simple_requests(DOCS[:1]), task_dict, simple=True)
+    assert "task_type" not in request.metadata and "sample_frames" not in request.metadata
+    assert_same_frames(request.arguments[2](DOCS[0]),
+                       tar_frames(shards, "fFjv93ACGo8", [1, 6, 11]))
+    uniform = hooks.RequestRouter(hooks.SelectedFrames(scored), frames="uniform")
+    [[(_, request)]] = uniform.route(simple_requests(DOCS[:1]), task_dict, simple=True)
+    spaced = np.linspace(0, VIDEOS["fFjv93ACGo8"] - 1, 3, dtype=int).tolist()
+    assert request.metadata["frames_indices"] == spaced
+    assert_same_frames(request.arguments[2](DOCS[0]), tar_frames(shards, "fFjv93ACGo8", spaced))
+    with pytest.raises(UserError, match="frames_as='gif'"):
+        hooks.RequestRouter(hooks.SelectedFrames(scored), frames_as="gif")
+
+
+def test_router_puts_the_frames_where_a_chat_task_had_its_video(scored):
+    def doc_to_messages(doc):  # as lmms-eval's ConfigurableMessagesTask builds them
+        return [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "video", "url": "/v/x.mp4"},
+                                             {"type": "text", "text": doc["question"]}]}]
+
+    task_dict = {"vmme": {"test": DOCS[:1]}}
+    request = Instance("generate_until", ("ctx", doc_to_messages, {}, 0, "vmme", "test"), 0,
+                       {"task": "vmme", "doc_id": 0, "repeats": 1})
+    want = tar_frames(scored.parent / "shards", "fFjv93ACGo8", [1, 6, 11])
+    for frames_as in ("video", "images"):
+        router = hooks.RequestRouter(hooks.SelectedFrames(scored), frames_as=frames_as)
+        [[(_, routed)]] = router.route([request], task_dict, simple=False)
+        system, user = routed.arguments[1](DOCS[0])
+        assert system == {"role": "system", "content": "Be brief."}
+        assert user["content"][-1] == {"type": "text", "text": "?"}
+        parts = user["content"][:-1]
+        if frames_as == "video":
+            assert [p["type"] for p in parts] == ["video"]
+            assert_same_frames(parts[0]["url"], want)
+        else:
+            assert [p["type"] for p in parts] == ["image"] * 3
+            assert_same_frames([p["url"] for p in parts], want)
+
+
+def test_router_stops_before_the_model_when_a_doc_has_no_selection(scored):
+    calls = []
+
+    def counting_visual(doc):
+        calls.append(doc)
+        return []
+
+    docs = [DOCS[0], {"question_id": "404-9", "videoID": "nope", "question": "Who?"},
+            {"question_id": "405-9", "videoID": "nope", "question": "Why?"}]
+    requests = [Instance("generate_until", ("c", {}, counting_visual, i, "vmme", "test"), 0,
+                         {"task": "vmme", "doc_id": i, "repeats": 1}) for i in range(3)]
+    router = hooks.RequestRouter(hooks.SelectedFrames(scored))
+    with pytest.raises(UserError) as info:
+        router.route(requests, {"vmme": {"test": docs}}, simple=True)
+    message = str(info.value)
+    assert message.startswith("2 of 3 requests have no selection") and "\n" not in message
+    assert "task 'vmme' doc 1" in message and "'404-9'" in message and str(scored) in message
+    assert calls == []
+
+
+def test_plugin_is_an_lmms_eval_model_registered_by_entry_point():
+    """lmms-eval 0.7.3's interface: an `lmms_eval.models` entry point whose payload is a
+    callable returning a ModelManifest; the class subclasses lmms and implements its three
+    abstract methods. Checked in lmms-eval itself when the scratch environment has it."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    target = config["project"]["entry-points"]["lmms_eval.models"]["refocus"]
+    assert target == "pipelines.lmms_plugin:manifest"
+    tree = ast.parse((REPO / "pipelines" / "lmms_plugin.py").read_text())
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    [model] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RefocusModel"]
+    assert "manifest" in functions and [b.id for b in model.bases] == ["lmms"]
+    methods = {n.name for n in model.body if isinstance(n, ast.FunctionDef)}
+    assert {"generate_until", "loglikelihood", "generate_until_multi_round"} <= methods
+    scratch = Path(os.environ.get("REFOCUS_LMMS_PYTHON", "/work/scratch-lmms/bin/python"))
+    if scratch.exists():  # the real registry: lmms-eval resolves --model refocus to our class
+        code = ("from lmms_eval.models import get_model\n"
+                "from pipelines.lmms_plugin import RefocusModel\n"
+                "assert get_model('refocus') is RefocusModel\n")
+        result = subprocess.run([str(scratch), "-c", code], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_task_files_are_package_data():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["pipelines"]
+    tasks = REPO / "pipelines" / "lmms_tasks"
+    files = {p.relative_to(REPO / "pipelines").as_posix() for p in tasks.iterdir()}
+    assert {"lmms_tasks/videomme_refocus.yaml", "lmms_tasks/longvideobench_refocus.yaml",
+            "lmms_tasks/mlvu_refocus.yaml", "lmms_tasks/utils.py"} <= files
+    assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in files)
+    for name in ("longvideobench_refocus", "mlvu_refocus"):
+        config = yaml.load((tasks / f"{name}.yaml").read_text(), Loader=_TaskLoader)
+        assert config["task"] == name and "video" not in config["dataset_kwargs"]
+        utils = load_utils()
+        for key in ("doc_to_visual", "doc_to_text", "process_results"):
+            kind, tag = config[key]
+            assert kind == "function" and callable(getattr(utils, tag.split(".")[1]))

@@ -1,7 +1,8 @@
 """lmms-eval task hooks that feed a model refocus's selected frames instead of uniform samples.
 
 lmms-eval loads this file for the ``!function utils.<name>`` tags of the task YAMLs beside it
-(``--include_path examples/lmms_eval``). The frames come from the ``refocus score`` output
+(``--include_path`` this folder: ``python -m pipelines.lmms_plugin``
+prints it). The frames come from the ``refocus score`` output
 folder named by ``REFOCUS_SELECTIONS``; the prompt, answer parsing and scoring are lmms-eval's
 own Video-MME functions, imported when first called, so the only change from the stock
 ``videomme`` task is which frames the model sees.
@@ -34,9 +35,13 @@ longvideobench_refocus_doc_to_visual = refocus_frames.make_doc_to_visual(id_fiel
 mlvu_refocus_doc_to_visual = refocus_frames.make_doc_to_visual(id_field=None)
 
 
+def _stock(benchmark: str):
+    """lmms-eval's own task module for ``benchmark`` (needs lmms-eval installed)."""
+    return importlib.import_module(f"lmms_eval.tasks.{benchmark}.utils")
+
+
 def _videomme():
-    """lmms-eval's own Video-MME task module (needs lmms-eval installed)."""
-    return importlib.import_module("lmms_eval.tasks.videomme.utils")
+    return _stock("videomme")
 
 
 def videomme_doc_to_text(doc, lmms_eval_specific_kwargs=None):
@@ -65,3 +70,29 @@ def videomme_process_results(doc, results):
 
 def videomme_aggregate_results(results):
     return _videomme().videomme_aggregate_results(results)
+
+
+def longvideobench_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """The stock LongVideoBench prompt, unchanged."""
+    return _stock("longvideobench").longvideobench_doc_to_text(doc, lmms_eval_specific_kwargs or {})
+
+
+def longvideobench_process_results(doc, results):
+    return _stock("longvideobench").longvideobench_process_results(doc, results)
+
+
+def longvideobench_aggregate_results(results):
+    return _stock("longvideobench").longvideobench_aggregate_results(results)
+
+
+def mlvu_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """The stock MLVU prompt, unchanged."""
+    return _stock("mlvu").mlvu_doc_to_text(doc, lmms_eval_specific_kwargs)
+
+
+def mlvu_process_results(doc, results):
+    return _stock("mlvu").mlvu_process_results(doc, results)
+
+
+def mlvu_aggregate_results_dev(results):
+    return _stock("mlvu").mlvu_aggregate_results_dev(results)
