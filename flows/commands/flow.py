@@ -20,10 +20,9 @@ from flows.options import (
     non_negative_int,
     positive_int,
 )
+from flows.runtime import prepare_prefect
 from stores.errors import UserError
 from stores.urls import is_url
-
-STARTUP_TIMEOUT = "90"  # Prefect's temporary server takes 11–19 s to start on a small machine
 
 
 def _runner_options(p: argparse.ArgumentParser) -> None:
@@ -156,14 +155,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- running
 
-def _prefect_environment(temporary_server: bool = True) -> None:
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT)
-    if temporary_server:  # (when PREFECT_API_URL is unset) stopped even after kill -9 of this
-        from flows.runtime import guard_temporary_server
-
-        guard_temporary_server()
-
-
 def _orchestration(args: argparse.Namespace) -> Any:
     from flows.runtime import Orchestration
 
@@ -182,7 +173,7 @@ def _preprocess_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from flows.orchestrate import preprocess_flow, with_runner
 
     summary = with_runner(preprocess_flow, _orchestration(args))(**_preprocess_parameters(args))
@@ -203,7 +194,7 @@ def _report(failures: dict[str, list], root: Path) -> int:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from flows.commands.score import print_score_summary
     from flows.orchestrate import score_flow, with_runner
     from pipelines.score import ScoreSettings
@@ -218,7 +209,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from dataclasses import replace
 
     from flows.orchestrate import train_flow
@@ -236,7 +227,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from flows.orchestrate import evaluate_flow
 
     if not args.reward and not args.judge:
@@ -249,7 +240,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_precompute(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from flows.orchestrate import precompute_flow
 
     summary = precompute_flow(str(args.shards), str(args.out), args.model, args.device)
@@ -271,7 +262,7 @@ def deployment(args: argparse.Namespace) -> Any:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    _prefect_environment(temporary_server=False)  # serve needs a running server
+    prepare_prefect(temporary_server=False)  # serve needs a running server
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL
 
