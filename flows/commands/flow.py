@@ -174,7 +174,8 @@ def _preprocess_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_preprocess(args: argparse.Namespace) -> int:
     prepare_prefect()
-    from flows.orchestrate import preprocess_flow, with_runner
+    from flows.orchestrate import preprocess_flow
+    from flows.runners import with_runner
 
     summary = with_runner(preprocess_flow, _orchestration(args))(**_preprocess_parameters(args))
     return _report({"ingest": summary["ingest"]["failures"],
@@ -182,21 +183,24 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
 
 def _report(failures: dict[str, list], root: Path) -> int:
+    from pipelines.ingest import Failure
+
     total = sum(len(v) for v in failures.values())
     console.headline("flow", f" done → {root} (logs: {root / 'logs'}, records: "
                      f"{root / 'flow-runs'})")
     for stage, items in failures.items():
         if items:
             console.alert(f"{stage}: {len(items)} failures")
-            console.list_failures([f.get("where", "") + ": " + f.get("error", "")
-                                   if isinstance(f, dict) else f for f in items])
+            console.list_failures([str(Failure(**f)) if isinstance(f, dict) else f
+                                   for f in items])
     return EXIT_FAILURES if total else EXIT_OK
 
 
 def _run_score(args: argparse.Namespace) -> int:
     prepare_prefect()
     from flows.commands.score import print_score_summary
-    from flows.orchestrate import score_flow, with_runner
+    from flows.orchestrate import score_flow
+    from flows.runners import with_runner
     from pipelines.score import ScoreSettings
 
     o = _orchestration(args)
@@ -253,7 +257,8 @@ def deployment(args: argparse.Namespace) -> Any:
     """The preprocessing flow as a deployment with the command's parameters and schedule."""
     from prefect.client.schemas.schedules import CronSchedule
 
-    from flows.orchestrate import preprocess_flow, with_runner
+    from flows.orchestrate import preprocess_flow
+    from flows.runners import with_runner
 
     return with_runner(preprocess_flow, _orchestration(args)).to_deployment(
         name=args.name, parameters=_preprocess_parameters(args),
