@@ -12,6 +12,10 @@ reader → mapper → writer, each testable alone:
 * **mapper** — the model forward in the main process (CUDA with autocast when present);
 * **writer** — when all batches of an input shard are in, its rows go to Zarr and its done
   marker is written. A re-run skips shards with markers.
+
+The reader and mapper are a runner's step (``pipelines/runners.py``): the local runner runs
+one DataLoader over every shard; another runner (Prefect tasks) computes a shard per task
+without DataLoader processes. Either way this process is the one writer.
 """
 
 from __future__ import annotations
