@@ -103,3 +103,15 @@ def network_settings(args: argparse.Namespace) -> NetworkSettings:
             max_download_mb=args.max_download_mb)
     except ValueError as e:
         raise UserError(f"--allow-scheme: {e}") from None
+
+
+RUNNERS = ("local", "prefect", "dask")
+
+
+def add_runner_option(p: argparse.ArgumentParser) -> None:
+    """Where a stage's shards run: shared by ingest, embed and score."""
+    p.add_argument("--runner", choices=RUNNERS, default="local",
+                   help="local: this process and its worker processes; prefect: a Prefect "
+                        "flow, each shard a task on --workers threads (Prefect's temporary "
+                        "server unless PREFECT_API_URL is set; records under --out); dask: "
+                        "the same tasks on a local Dask cluster of --workers processes")

@@ -1,116 +1,63 @@
-"""Prefect flows over the pipeline stages: what ``refocus flow …`` and ``refocus serve`` run.
+"""Prefect flows over the pipeline stages: what ``refocus flow …``, ``refocus serve`` and
+``refocus ingest|embed|score --runner prefect|dask`` run.
 
-Each flow is the stage's own code from ``pipelines/`` with the per-shard step mapped over
-Prefect tasks; the stores' done markers say what is finished, so a re-run (or a retry)
-skips finished shards and a killed flow resumes where it stopped.
+Each flow is a stage of ``pipelines/`` called with a ``PrefectRunner`` (``flows/runners.py``):
+the stage keeps the order of its steps, and its per-shard step becomes Prefect tasks. The
+stores' done markers say what is finished, so a re-run (or a retry) skips finished shards and a
+killed flow resumes where it stopped. A flow claims its output folder (stores/owned.py)
+through the stage's own claim before it writes its records there (logs/, flow-runs/), so a
+user's folder is refused with one line before anything is written.
 
-    ingest_flow      plan + folder lock → ingest_shard mapped over the unfinished shards
-                     → summary and failures (a shard task that still fails after its
-                     retries is recorded; the other shards land)
-    embed_flow       plan + the one writer → embed_shard mapped over unfinished shards,
-                     each result written by the flow as it completes → questions, index
+    ingest_flow      ingest: the shards mapped over tasks (a shard task that still fails
+                     after its retries is recorded; the other shards land)
+    embed_flow       embed: each shard's features a task, written by the flow as they come
     preprocess_flow  ingest_flow → embed_flow under one data root (ROOT/shards,
                      ROOT/features): the flow to schedule
     precompute_flow  the reference model's vision features per shard (GPU, one task)
     margins_flow     the reference model's margins on frame subsets, one task per chunk
     train_flow       train the reader (when the reward is the reader) → train the policy
     evaluate_flow    the policy against the baselines
-    score_flow       ingest_flow → embed_flow → select and write selections (+ export)
+    score_flow       refocus score: ingest and embed mapped over tasks, then select
 
 Tasks take only picklable plain values, so the same flow runs on local threads or on a
-Dask cluster (``flows/runtime.py``). Every flow claims its output folder (stores/owned.py)
-through the stage's own claim before it writes its records there, so a user's folder is
-refused with one line before anything is written.
+Dask cluster (``flows/runtime.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from flows.options import default_of
-from flows.runtime import Orchestration, flow_record, retry_options, task_runner
+from flows.runners import PrefectRunner, with_runner  # noqa: F401  (with_runner: see runners)
+from flows.runtime import Orchestration, flow_record, retry_options
 from pipelines.decode import DecodeSettings
-from pipelines.embed import (
-    EmbedPlan,
-    EmbedSettings,
-    ShardFeatures,
-    ShardPlan,
-    claim_features,
-    compute_shards,
-    embed_job,
-    finish_embed,
-)
-from pipelines.encoder import SYNTH_ENCODER, Encoder, load_encoder
-from pipelines.ingest import (
-    IngestSettings,
-    claim_ingest,
-    finish_ingest,
-    ingest_job,
-    ingest_shard,
-)
+from pipelines.embed import EmbedSettings, claim_features, embed
+from pipelines.encoder import SYNTH_ENCODER, load_encoder
+from pipelines.ingest import IngestSettings, claim_ingest, ingest
+from pipelines.runners import Step, split
 from stores import importers
 from stores.index import IndexSettings
-from stores.manifest import Manifest, Video
+from stores.manifest import Manifest
 from stores.margins import chunk_name
 from stores.owned import claim
-from stores.shards import MANIFEST_FILE, read_questions, shard_name
+from stores.shards import read_questions
 from stores.urls import NetworkSettings
 
 # Markers of the folders only a flow makes (the stages claim their own sub-folders).
 PREPROCESS_KIND, TRAIN_FLOW_KIND = "preprocess", "train-flow"
 
-# ----------------------------------------------------------------------------- tasks
 
-
-@task(name="ingest-shard", cache_policy=NO_CACHE, task_run_name="ingest {shard_index:06d}")
-def ingest_shard_task(shard_index: int, videos: list[Video], out: str,
-                      settings: IngestSettings) -> dict[str, Any]:
-    """One shard, one writer; returns its done marker (at once when it already has one)."""
-    return ingest_shard(shard_index, videos, Path(out), settings, lambda event: None)
-
-
-@functools.lru_cache(maxsize=2)
-def _encoder(model: str, pretrained: str | None, device: str | None) -> Encoder:
-    return load_encoder(model, pretrained, device)  # once per worker process
-
-
-@task(name="embed-shard", cache_policy=NO_CACHE, task_run_name="embed {shard.index:06d}")
-def embed_shard_task(shards_dir: str, embed_plan: EmbedPlan, shard: ShardPlan,
-                     model: str, pretrained: str | None,
-                     device: str | None) -> ShardFeatures:
-    """One input shard's features, computed in the task and written by the flow."""
-    encoder = _encoder(model, pretrained, device)
-    # Dask workers are daemonic and may not start DataLoader processes; the tasks are the
-    # parallelism here anyway.
-    result: list[ShardFeatures] = []
-    compute_shards(Path(shards_dir), embed_plan, [shard], encoder, 0, result.append)
-    return result[0]
-
-
-# ----------------------------------------------------------------------------- flows
-
-
-def _states(futures: list[Any], names: list[str]) -> tuple[list[Any], list[tuple[str, str]],
-                                                           dict[str, str]]:
-    """Results of finished tasks, (name, error) of failed ones, and every task's state."""
-    results, failed, states = [], [], {}
-    for name, future in zip(names, futures, strict=True):
-        value = future.result(raise_on_failure=False)
-        states[name] = future.state.name
-        if isinstance(value, BaseException):
-            failed.append((name, f"{type(value).__name__}: {value}".splitlines()[0]))
-        else:
-            results.append(value)
-    return results, failed, states
+def _logged(stage: str, out: str, unit: str) -> Any:
+    """An ``on_start`` that logs what a stage has to do."""
+    return lambda todo, done: get_run_logger().info("%s %s: %d %s to do, %d already done",
+                                                    stage, out, todo, unit, done)
 
 
 @flow(name="refocus-ingest", validate_parameters=False)
@@ -125,26 +72,17 @@ def ingest_flow(inputs: list[str], out: str, settings: IngestSettings | None = N
     with flow_record(out, "ingest", {"inputs": list(inputs), "out": out,
                                      "settings": settings.output_settings(),
                                      "orchestration": o.as_dict()}) as record:
-        summary = _ingest(manifest, out, settings, retry_failed, o, record)
-        record.summary = summary
-    return summary
+        record.summary = _ingest(manifest, out, settings, retry_failed, PrefectRunner(
+            o, record.tasks), inputs)
+    return record.summary
 
 
 def _ingest(manifest: Manifest, out: str, settings: IngestSettings, retry_failed: bool,
-            o: Orchestration, record: Any) -> dict[str, Any]:
-    log = get_run_logger()
-    with ingest_job(manifest, out, settings, retry_failed) as job:
-        log.info("ingest %s: %d shards to write, %d videos already done", out, len(job.todo),
-                 job.videos_done)
-        shard = ingest_shard_task.with_options(**retry_options(o))
-        futures = shard.map([i for i, _ in job.todo], [v for _, v in job.todo],
-                            unmapped(str(job.out)), unmapped(job.settings))
-        written, crashes, states = _states(list(futures),
-                                           [shard_name(i) for i, _ in job.todo])
-        record.tasks.update(states)
-        summary = finish_ingest(job, written, crashes).as_dict()
-    log.info("ingest %s: %d videos, %d frames, %d failures", out, summary["videos"],
-             summary["frames"], len(summary["failures"]))
+            runner: PrefectRunner, inputs: list[str]) -> dict[str, Any]:
+    summary = ingest(manifest, out, settings, retry_failed=retry_failed, inputs=inputs,
+                     on_start=_logged("ingest", out, "videos"), runner=runner).as_dict()
+    get_run_logger().info("ingest %s: %d videos, %d frames, %d failures", out,
+                          summary["videos"], summary["frames"], len(summary["failures"]))
     return summary
 
 
@@ -160,34 +98,19 @@ def embed_flow(shards: str, out: str, model: str = SYNTH_ENCODER, pretrained: st
     with flow_record(out, "embed", {"shards": shards, "out": out, "model": model,
                                     "pretrained": pretrained, "questions": questions,
                                     "orchestration": o.as_dict()}) as record:
-        summary = _embed(shards, out, model, pretrained, questions, settings, device, o, record)
-        record.summary = summary
-    return summary
+        record.summary = _embed(shards, out, model, pretrained, questions, settings, device,
+                                PrefectRunner(o, record.tasks))
+    return record.summary
 
 
 def _embed(shards: str, out: str, model: str, pretrained: str | None,
            questions: list[str] | None, settings: EmbedSettings, device: str | None,
-           o: Orchestration, record: Any) -> dict[str, Any]:
-    log = get_run_logger()
-    encoder = _encoder(model, pretrained, device)
+           runner: PrefectRunner) -> dict[str, Any]:
     manifest = read_questions(questions, shards)
-    started = time.perf_counter()
-    with embed_job(shards, out, encoder.identity, settings.batch_size) as job:
-        log.info("embed %s: %d of %d input shards to do", out, len(job.todo),
-                 len(job.plan.shards))
-        shard = embed_shard_task.with_options(**retry_options(o))
-        futures = list(shard.map(unmapped(str(job.shards_dir)), unmapped(job.plan), job.todo,
-                                 unmapped(model), unmapped(pretrained), unmapped(device)))
-        written = []
-        for future in as_completed(futures):  # one writer: this flow, as results come in
-            features = future.result(raise_on_failure=False)
-            if isinstance(features, ShardFeatures):  # else the task failed: recorded below
-                job.write(features)
-                written.append(features.plan)
-        _, _, record.tasks = _states(futures, [shard_name(s.index) for s in job.todo])
-        timings = {"tasks": time.perf_counter() - started}
-        summary = finish_embed(job, encoder, settings, manifest, written, timings).as_dict()
-    log.info("embed %s: %d frames, %d questions", out, summary["frames"], summary["questions"])
+    summary = embed(shards, out, load_encoder(model, pretrained, device), settings, manifest,
+                    on_start=_logged("embed", out, "frames"), runner=runner).as_dict()
+    get_run_logger().info("embed %s: %d frames, %d questions", out, summary["frames"],
+                          summary["questions"])
     return summary
 
 
@@ -220,16 +143,12 @@ def preprocess_flow(inputs: list[str], root: str,  # defaults: the settings data
     with flow_record(root, "preprocess", {"inputs": list(inputs), "root": root, "fps": fps,
                                           "max_frames": max_frames, "size": size,
                                           "model": model}) as record:
+        runner = PrefectRunner(o, record.tasks)
         record.summary = {
-            "ingest": _ingest(manifest, shards, settings, False, o, record),
-            "embed": _embed(shards, features, model, pretrained, None, embed_settings, None, o,
-                            record)}
+            "ingest": _ingest(manifest, shards, settings, False, runner, inputs),
+            "embed": _embed(shards, features, model, pretrained, None, embed_settings, None,
+                            runner)}
     return record.summary
-
-
-def with_runner(flow_obj: Any, o: Orchestration) -> Any:
-    """The flow with its mapped tasks on ``o``'s runner (local threads or Dask)."""
-    return flow_obj.with_options(task_runner=task_runner(o))
 
 
 @task(name="precompute-reference", cache_policy=NO_CACHE)
@@ -271,13 +190,12 @@ def _margin_reference(store: str, qa: tuple[str, ...] | None, spec: str,
     return corpus, load_reference(spec, corpus, store, options)
 
 
-@task(name="margins-chunk", cache_policy=NO_CACHE, task_run_name="margins {index:06d}")
-def margins_chunk_task(out: str, index: int, qids: list[str], store: str,
-                       qa: tuple[str, ...] | None, spec: str, settings: Any,
-                       options: Any) -> dict[str, Any]:
+def _margins_item(out: str, store: str, qa: tuple[str, ...] | None, spec: str, settings: Any,
+                  options: Any, item: tuple[int, list[str]], report: Any) -> dict[str, Any]:
     """One chunk of questions scored and written (at once when it is already done)."""
     from pipelines.margins import margins_chunk
 
+    index, qids = item
     with _MARGIN_LOCK:
         corpus, ref = _margin_reference(store, qa, spec, options)
         return margins_chunk(out, index, qids, corpus, ref, settings)
@@ -305,15 +223,13 @@ def margins_flow(store: str, out: str, spec: str, settings: Any = None, options:
                                                  "settings": settings}) as record:
         corpus, ref = _margin_reference(store, key, spec, options)
         with margins_job(out, corpus, ref.id, settings, store, inputs) as job:
-            chunk = margins_chunk_task.with_options(**retry_options(Orchestration(
-                retries=retries)))
-            futures = chunk.map(unmapped(str(job.owned.path)), job.todo,
-                                [job.chunks[i] for i in job.todo], unmapped(store),
-                                unmapped(key), unmapped(spec), unmapped(settings),
-                                unmapped(options))
-            markers, failed, record.tasks = _states(list(futures),
-                                                    [chunk_name(i) for i in job.todo])
-            record.summary = finish_margins(job, markers, failed)
+            step = Step("margins-chunk", functools.partial(
+                _margins_item, str(job.owned.path), store, key, spec, settings, options),
+                name=lambda item: chunk_name(item[0]),
+                title=lambda item: f"margins {item[0]:06d}")
+            runner = PrefectRunner(Orchestration(retries=retries), record.tasks)
+            markers, failed = split(runner.map(step, [(i, job.chunks[i]) for i in job.todo]))
+            record.summary = finish_margins(job, markers, [(f.name, f.error) for f in failed])
     return record.summary
 
 
@@ -385,59 +301,29 @@ def evaluate_flow(store: str, reward: str | None, policies: list[str], out: str,
     return rows
 
 
-@task(name="select-and-write", cache_policy=NO_CACHE)
-def _select_task(manifest: Manifest, policy_path: str, root: str, settings: Any,
-                 failures: list[str], seconds: dict[str, float],
-                 started: float) -> dict[str, Any]:
-    from pipelines.score import find_policy, select_and_write
-
-    return select_and_write(manifest, find_policy(policy_path), Path(root), settings, failures,
-                            seconds, started)
-
-
 @flow(name="refocus-score", validate_parameters=False)
 def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
                orchestration: Orchestration | None = None) -> dict[str, Any]:
-    """A new corpus → shards and features under ``out`` (mapped over shards, skipping what is
-    done) → the policy's selections (+ exported frames)."""
+    """refocus score: a new corpus → shards and features under ``out`` (mapped over shards,
+    skipping what is done) → the policy's selections (+ exported frames)."""
     from pipelines.score import (
-        FEATURES,
-        SHARDS,
         ScoreSettings,
         check_questions,
         claim_score,
-        encoder_args,
         find_policy,
-        ingest_settings,
+        score,
         with_trained_k,
     )
 
     o = orchestration or Orchestration()
-    settings = settings or ScoreSettings()
-    started = time.perf_counter()
+    settings = replace(settings or ScoreSettings(), ingest_workers=o.workers)
     manifest = importers.from_inputs(list(inputs), settings.network)
     check_questions(manifest)
     claim_score(manifest, policy, out, inputs)
-    trained = find_policy(policy)
-    settings = with_trained_k(settings, trained)  # --k, else the largest trained budget
-    root = Path(out)
-    with flow_record(out, "score", {"inputs": list(inputs), "policy": policy, "k": settings.k,
+    k = with_trained_k(settings, find_policy(policy)).k  # (recorded; a missing k stops here)
+    with flow_record(out, "score", {"inputs": list(inputs), "policy": policy, "k": k,
                                     "export": settings.export,
                                     "orchestration": o.as_dict()}) as record:
-        tick = time.perf_counter()
-        ingested = _ingest(manifest, str(root / SHARDS),
-                           replace(ingest_settings(trained, o.workers), network=settings.network),
-                           False, o, record)
-        seconds = {"ingest": time.perf_counter() - tick}
-        tick = time.perf_counter()
-        model, pretrained = encoder_args(trained, settings)
-        embedded = _embed(str(root / SHARDS), str(root / FEATURES), model, pretrained,
-                          [str(root / SHARDS / MANIFEST_FILE)],
-                          EmbedSettings(batch_size=settings.embed.batch_size, index=None),
-                          settings.device, o, record)
-        seconds["embed"] = time.perf_counter() - tick
-        failures = [f"{f['where']}: {f['error']}" for f in ingested["failures"]]  # as str(Failure)
-        failures += embedded["failures"]
-        summary = _select_task(manifest, policy, out, settings, failures, seconds, started)
-        record.summary = summary
-    return summary
+        record.summary = score(manifest, policy, out, settings, inputs=inputs,
+                               runner=PrefectRunner(o, record.tasks))
+    return record.summary

@@ -1,8 +1,9 @@
 """How flows run: the task runner (local threads or a Dask cluster), which errors are
 retried, and the records a flow leaves under its data root.
 
-* **Runners.** ``local`` (default) runs mapped tasks in a thread pool inside the flow's
-  process, against Prefect's ephemeral API (nothing to start). ``dask`` runs them on a Dask
+* **Task runners.** ``local`` (default; ``prefect`` on the stage commands) runs mapped tasks
+  in a thread pool inside the flow's process, against Prefect's ephemeral API (nothing to
+  start). ``dask`` runs them on a Dask
   cluster: a local one with ``workers`` processes, or an existing scheduler at ``address``
   (``tcp://host:8786``) whose workers see the same file system, so preprocessing goes past
   one machine.
@@ -37,7 +38,7 @@ from typing import Any
 from stores.errors import UserError
 from stores.shards import write_json_atomic
 
-RUNNERS = ("local", "dask")
+RUNNERS = ("local", "prefect", "dask")  # local and prefect: threads (refocus flow says local)
 NEVER_RETRIED = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
                  PermissionError, ValueError, TypeError, KeyError)
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
@@ -45,8 +46,8 @@ TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
 @dataclass(frozen=True)
 class Orchestration:
-    runner: str = "local"  # local | dask
-    workers: int = 2  # threads (local) or Dask worker processes
+    runner: str = "local"  # local or prefect: threads; dask: a Dask cluster
+    workers: int = 2  # threads or Dask worker processes
     address: str | None = None  # an existing Dask scheduler
     retries: int = 3
     retry_delay: float = 2.0  # seconds before the first retry, doubled after each
@@ -160,6 +161,17 @@ def _flow_run_id() -> str | None:
 
 
 # ----------------------------------------------------------------------------- the server
+
+STARTUP_TIMEOUT = "90"  # Prefect's temporary server takes 11–19 s to start on a small machine
+
+
+def prepare_prefect(temporary_server: bool = True) -> None:
+    """Before a command runs a flow: time for the temporary server to start and, when it is
+    used (no ``PREFECT_API_URL``), a guard that stops it even after kill -9 of this process."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT)
+    if temporary_server:
+        guard_temporary_server()
+
 
 SERVER_STOP_WAIT = 5.0  # seconds between SIGTERM and SIGKILL of an orphaned server
 GUARD_POLL = 0.2  # seconds between the guard's looks at the flow's process

@@ -12,17 +12,22 @@ reader → mapper → writer, each testable alone:
 * **mapper** — the model forward in the main process (CUDA with autocast when present);
 * **writer** — when all batches of an input shard are in, its rows go to Zarr and its done
   marker is written. A re-run skips shards with markers.
+
+The reader and mapper are a runner's step (``pipelines/runners.py``): the local runner runs
+one DataLoader over every shard; another runner (Prefect tasks) computes a shard per task
+without DataLoader processes. Either way this process is the one writer.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.encoder import Encoder, format_question
+from pipelines.encoder import Encoder, format_question, load_encoder_of
+from pipelines.runners import Done, LocalRunner, Runner, Step, ignore
 from pipelines.settings import EmbedSettings
 from pipelines.workers import dataloader_worker_init
 from stores import frames
@@ -206,6 +212,11 @@ class EmbedSummary:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "frames_per_second": round(self.frames_per_second, 2)}
 
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> EmbedSummary:
+        """The summary ``as_dict`` wrote (what a flow returns)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
 
 @dataclass
 class _ShardBuffer:
@@ -320,27 +331,83 @@ def embed(
     *,
     on_start: Callable[[int, int], None] | None = None,
     report: Callable[[int], None] | None = None,
+    runner: Runner | None = None,
 ) -> EmbedSummary:
     """Embed the frames of a finished ingest (and ``questions``) into the store at ``out``.
 
     ``on_start(frames_to_do, frames_done)`` and ``report(frames)`` feed a progress display.
+    ``runner`` computes the shards' features (default: ``LocalRunner``, one DataLoader of
+    ``settings.workers`` processes over every shard); this process writes each as it comes.
     """
     with embed_job(shards_dir, out, encoder.identity, settings.batch_size) as job:
         rows_todo = sum(s.rows.stop - s.rows.start for s in job.todo)
         if on_start is not None:
             on_start(rows_todo, job.plan.layout.n_frames - rows_todo)
-        timings = compute_shards(job.shards_dir, job.plan, job.todo, encoder, settings.workers,
-                                 job.write, report or (lambda n: None))
-        return finish_embed(job, encoder, settings, questions, job.todo, timings)
+        started, timings = time.perf_counter(), {}
+        written: list[ShardPlan] = []
+        step = shard_step(job, encoder, settings.workers, timings)
+        for outcome in (runner or LocalRunner()).map(step, job.todo, report or ignore):
+            if isinstance(outcome, Done):  # else its task failed: reported as not written
+                job.write(outcome.value)
+                written.append(outcome.value.plan)
+        timings = timings or {"tasks": time.perf_counter() - started}  # no per-stage times
+        return finish_embed(job, encoder, settings, questions, written, timings)
+
+
+class _Portable:
+    """An encoder that goes to another process as its identity and device (loaded there
+    once) and stays itself in this one, so that a shard's task need not carry a model."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return _portable, (json.dumps(self.encoder.identity, sort_keys=True),
+                           str(self.encoder.device))
+
+
+@functools.lru_cache(maxsize=2)
+def _portable(identity: str, device: str) -> _Portable:
+    return _Portable(load_encoder_of(json.loads(identity), device))
+
+
+def _one_shard(shards_dir: str, embed_plan: EmbedPlan, encoder: _Portable, shard: ShardPlan,
+               report: Callable[[int], None]) -> ShardFeatures:
+    # No DataLoader processes: a runner's tasks are the parallelism here (and Dask workers
+    # are daemonic, so they may not start any).
+    [features] = compute_shards(Path(shards_dir), embed_plan, [shard], encoder.encoder, 0, {},
+                                report)
+    return features
+
+
+def _all_shards(job: EmbedJob, encoder: Encoder, workers: int, timings: dict[str, float],
+                todo: list[ShardPlan],
+                report: Callable[[int], None]) -> Iterator[tuple[ShardPlan, ShardFeatures]]:
+    for features in compute_shards(job.shards_dir, job.plan, todo, encoder, workers, timings,
+                                   report):
+        yield features.plan, features
+
+
+def shard_step(job: EmbedJob, encoder: Encoder, workers: int,
+               timings: dict[str, float]) -> Step[ShardPlan, ShardFeatures]:
+    """A job's per-shard step for a runner (an input shard's features); the local runner
+    runs one DataLoader of ``workers`` processes over all of them, its seconds per stage
+    added to ``timings``."""
+    return Step("embed-shard",
+                functools.partial(_one_shard, str(job.shards_dir), job.plan, _Portable(encoder)),
+                name=lambda shard: shard_files.shard_name(shard.index),
+                title=lambda shard: f"embed {shard.index:06d}",
+                many=functools.partial(_all_shards, job, encoder, workers, timings))
 
 
 def compute_shards(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan],
-                   encoder: Encoder, workers: int, sink: Callable[[ShardFeatures], None],
-                   report: Callable[[int], None] = lambda n: None) -> dict[str, float]:
-    """Embed the frames of ``todo``'s shards, handing each finished shard to ``sink``;
-    returns the per-stage seconds. ``workers`` DataLoader processes read and preprocess."""
-    timings = {"read": 0.0, "decode": 0.0, "preprocess": 0.0, "wait": 0.0, "model": 0.0,
-               "write": 0.0}
+                   encoder: Encoder, workers: int, timings: dict[str, float],
+                   report: Callable[[int], None] = lambda n: None) -> Iterator[ShardFeatures]:
+    """Embed the frames of ``todo``'s shards, yielding each shard as it is finished (the
+    caller writes it before asking for the next); adds the per-stage seconds to ``timings``.
+    ``workers`` DataLoader processes read and preprocess."""
+    for key in ("read", "decode", "preprocess", "wait", "model", "write"):
+        timings.setdefault(key, 0.0)
     buffers: dict[int, _ShardBuffer] = {}
     for shard in todo:
         n = shard.rows.stop - shard.rows.start
@@ -350,10 +417,10 @@ def compute_shards(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan
         if shard.batches:
             buffers[shard.index] = buffer
         else:  # every video of the shard failed to ingest: done with zero rows
-            sink(ShardFeatures(shard, buffer.embedding, buffer.time, buffer.duration))
+            yield ShardFeatures(shard, buffer.embedding, buffer.time, buffer.duration)
     batches = [b for s in todo for b in s.batches]
     if not batches:
-        return timings
+        return
     dataset = FrameBatches(shards_dir, embed_plan, batches, encoder.preprocess)
     workers = min(workers, len(batches))
     loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=workers,
@@ -379,14 +446,13 @@ def compute_shards(shards_dir: Path, embed_plan: EmbedPlan, todo: list[ShardPlan
             buffer.duration[video - buffer.plan.videos.start] = duration
         buffer.pending -= 1
         if buffer.pending == 0:
-            sink(ShardFeatures(buffer.plan, buffer.embedding, buffer.time, buffer.duration,
-                               buffer.failures))
+            yield ShardFeatures(buffer.plan, buffer.embedding, buffer.time, buffer.duration,
+                                buffer.failures)
             del buffers[item.batch.shard]
         report(item.batch.stop - item.batch.start)
         done = time.perf_counter()
         timings["write"] += done - mark
         mark = done
-    return timings
 
 
 def _questions_digest(questions: list[Question], identity: dict[str, Any]) -> str:

@@ -1,36 +1,32 @@
 """Ingest: videos → WebDataset frame shards, in parallel over shards, resumable.
 
 ``ingest()`` fixes the plan (which video goes to which shard) up front and writes it, skips
-shards whose done marker exists, and runs the rest in a process pool, one shard per task.
+shards whose done marker exists, and hands the rest to a runner (``pipelines/runners.py``:
+by default a process pool, one shard per task; or Prefect tasks).
 A worker decodes its shard's videos one by one (``pipelines.decode``), encodes the kept
 frames as JPEG, and writes the shard through ``stores.shards.ShardWriter``. A video that
 fails is recorded in its shard's marker with a one-line reason and the shard goes on.
 
-The parts are public so that a Prefect flow (``flows/orchestrate.py``) can map the same
-shard function over tasks: ``ingest_job`` (owned folder, plan + folder lock), ``ingest_shard``
-(one shard, one writer), ``finish_ingest`` (summary and failure records).
+The parts: ``ingest_job`` (owned folder, plan + folder lock), ``shard_step`` (one shard, one
+writer: ``ingest_shard``), ``finish_ingest`` (summary and failure records).
 """
 
 from __future__ import annotations
 
+import functools
 import io
-import multiprocessing as mp
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 from PIL import Image
 
 from pipelines.decode import DecodeSettings, VideoDecoder, VideoError
-from pipelines.workers import die_with_parent
+from pipelines.runners import Failed, LocalRunner, Runner, Step, ignore, split
 from stores import shards
 from stores.errors import UserError
 from stores.manifest import Issue, Manifest, Video, read_manifest, write_manifest
@@ -112,6 +108,13 @@ class IngestSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "frames_per_second": round(self.frames_per_second, 2)}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> IngestSummary:
+        """The summary ``as_dict`` wrote (what a flow returns)."""
+        summary = cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+        summary.failures = [Failure(**f) for f in record.get("failures", [])]
+        return summary
 
 
 def plan_shards(videos: list[Video], shard_size: int,
@@ -211,66 +214,10 @@ def ingest_shard(
             raise
 
 
-# ----------------------------------------------------------------------------- the pool
-
-_events: Any = None  # the worker's queue back to the parent, set by _init_worker
-
-
-def _init_worker(events: Any, parent: int) -> None:
-    global _events
-    _events = events
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt does
-    die_with_parent(parent)
-
-
-def _worker_shard(index: int, videos: list[Video], out: str, settings: IngestSettings) -> dict:
-    return ingest_shard(index, videos, Path(out), settings, _events.put)
-
-
-def _run_pool(
-    jobs: list[tuple[int, list[Video]]], out: Path, settings: IngestSettings,
-    report: Callable[[VideoDone], None],
-) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Run shard jobs in worker processes; returns markers and per-shard crash reasons."""
-    context = mp.get_context("spawn")
-    events = context.Queue()
-    markers: list[dict[str, Any]] = []
-    crashes: list[tuple[str, str]] = []
-    workers = min(settings.workers, len(jobs))
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(events, os.getpid())) as pool:
-        futures: dict[Future, int] = {
-            pool.submit(_worker_shard, i, vids, str(out), settings): i for i, vids in jobs
-        }
-        pending = set(futures)
-        try:
-            while pending:
-                finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-                _drain(events, report)
-                for future in finished:
-                    name = shards.shard_name(futures[future])
-                    try:
-                        markers.append(future.result())
-                    except BrokenProcessPool as e:
-                        crashes.append((name, f"worker died ({e})"))
-                    except Exception as e:  # recorded; the other shards go on
-                        crashes.append((name, f"{type(e).__name__}: {e}".splitlines()[0]))
-        except BaseException:  # Ctrl-C: stop now; unfinished shards are redone on re-run
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        finally:
-            _drain(events, report)
-    return markers, crashes
-
-
-def _drain(events: Any, report: Callable[[VideoDone], None]) -> None:
-    while True:
-        try:
-            report(events.get_nowait())
-        except Empty:
-            return
+def _shard_item(out: Path, settings: IngestSettings, item: tuple[int, list[Video]],
+                report: Callable[[VideoDone], None]) -> dict[str, Any]:
+    index, videos = item
+    return ingest_shard(index, videos, out, settings, report)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -384,11 +331,19 @@ def ingest_job(manifest: Manifest, out: str | os.PathLike[str], settings: Ingest
                         _with_decoder_threads(settings, len(todo)))
 
 
+def shard_step(job: IngestJob) -> Step[tuple[int, list[Video]], dict[str, Any]]:
+    """A job's per-shard step for a runner: an item is (shard index, its videos), its value
+    the shard's done marker; the local runner uses ``settings.workers`` processes."""
+    return Step("ingest-shard", functools.partial(_shard_item, job.out, job.settings),
+                name=lambda item: shards.shard_name(item[0]),
+                title=lambda item: f"ingest {item[0]:06d}", processes=job.settings.workers)
+
+
 def finish_ingest(job: IngestJob, written: list[dict[str, Any]],
-                  crashes: list[tuple[str, str]]) -> IngestSummary:
+                  failed: list[Failed]) -> IngestSummary:
     """The summary of a job's shards (all of them, this run's and earlier ones), written to
-    ``summary.json`` and ``failures.jsonl``; ``crashes`` are shards that could not be written."""
-    summary = _summarise(job.out, job.plan, job.issues, written, crashes)
+    ``summary.json`` and ``failures.jsonl``; ``failed`` are shards that could not be written."""
+    summary = _summarise(job.out, job.plan, job.issues, written, failed)
     summary.shards_skipped = len(job.plan["shards"]) - len(job.todo)
     summary.seconds = round(time.perf_counter() - job.started, 3)
     _write_records(job.out, summary)
@@ -404,6 +359,7 @@ def ingest(
     on_start: Callable[[int, int], None] | None = None,
     report: Callable[[VideoDone], None] | None = None,
     inputs: Iterable[str | os.PathLike[str]] = (),
+    runner: Runner | None = None,
 ) -> IngestSummary:
     """Ingest ``manifest``'s videos into shards under ``out`` and return the summary.
 
@@ -412,22 +368,18 @@ def ingest(
     finished shards that recorded failed videos. Manifest issues are carried into the
     summary's failures; they do not stop the run. ``out`` is claimed as an ingest folder
     (``claim_ingest``): a user's folder, or one holding ``inputs`` or the videos, is refused.
+    ``runner`` maps the shards (default: ``LocalRunner``, a process pool of
+    ``settings.workers``); a shard whose step fails is recorded and the others land.
     """
-    report = report or (lambda event: None)
     with ingest_job(manifest, out, settings, retry_failed, inputs) as job:
         if on_start is not None:
             on_start(sum(len(v) for _, v in job.todo), job.videos_done)
-        if job.settings.workers == 1 or len(job.todo) <= 1:
-            written = [ingest_shard(i, vids, job.out, job.settings, report)
-                       for i, vids in job.todo]
-            crashes: list[tuple[str, str]] = []
-        else:
-            written, crashes = _run_pool(job.todo, job.out, job.settings, report)
-        return finish_ingest(job, written, crashes)
+        outcomes = (runner or LocalRunner()).map(shard_step(job), job.todo, report or ignore)
+        return finish_ingest(job, *split(outcomes))
 
 
 def _summarise(out: Path, plan: dict[str, Any], issues: list[Issue],
-               written: list[dict[str, Any]], crashes: list[tuple[str, str]]) -> IngestSummary:
+               written: list[dict[str, Any]], failed: list[Failed]) -> IngestSummary:
     summary = IngestSummary(out=str(out), shards=len(plan["shards"]),
                             shards_written=len(written))
     summary.failures = [
@@ -450,7 +402,7 @@ def _summarise(out: Path, plan: dict[str, Any], issues: list[Issue],
         )
         rows.extend({"video_id": s["video_id"], "shard": marker["shard"],
                      "position": s["position"], "frames": s["frames"]} for s in marker["samples"])
-    summary.failures.extend(Failure("shard", shard, error) for shard, error in crashes)
+    summary.failures.extend(Failure("shard", f.name, f.error) for f in failed)
     shards.write_jsonl(out / shards.VIDEOS_FILE, rows)
     return summary
 

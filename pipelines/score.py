@@ -23,6 +23,7 @@ from pipelines.embed import embed
 from pipelines.encoder import encoder_spec, load_encoder
 from pipelines.ingest import IngestSettings, ingest
 from pipelines.learn import load_corpus, load_policy, policy_record
+from pipelines.runners import LocalRunner, Runner
 from pipelines.settings import ScoreSettings
 from refocus.device import pick_device
 from refocus.selectors import Learned
@@ -236,16 +237,19 @@ def claim_score(manifest: Manifest, policy_path: str | os.PathLike[str],
 def score(manifest: Manifest, policy_path: str | os.PathLike[str], out: str | os.PathLike[str],
           settings: ScoreSettings = ScoreSettings(),
           say: Callable[[str], None] = lambda line: None,
-          inputs: Iterable[str | os.PathLike[str]] = ()) -> dict[str, Any]:
+          inputs: Iterable[str | os.PathLike[str]] = (),
+          runner: Runner | None = None) -> dict[str, Any]:
     """Ingest, embed and select for ``manifest``'s questions; returns the summary.
-    ``out`` is claimed first (``claim_score``); its shards/ and features/ by ingest and embed."""
+    ``out`` is claimed first (``claim_score``); its shards/ and features/ by ingest and embed,
+    whose shards ``runner`` maps (default: ``LocalRunner``)."""
     check_questions(manifest)
     with claim_score(manifest, policy_path, out, inputs).lock():
-        return _score(manifest, policy_path, Path(out), settings, say)
+        return _score(manifest, policy_path, Path(out), settings, say, runner or LocalRunner())
 
 
 def _score(manifest: Manifest, policy_path: str | os.PathLike[str], root: Path,
-           settings: ScoreSettings, say: Callable[[str], None]) -> dict[str, Any]:
+           settings: ScoreSettings, say: Callable[[str], None],
+           runner: Runner) -> dict[str, Any]:
     started = time.perf_counter()
     policy = find_policy(policy_path)
     settings = with_trained_k(settings, policy)  # before the slow part: a missing k stops here
@@ -253,50 +257,30 @@ def _score(manifest: Manifest, policy_path: str | os.PathLike[str], root: Path,
     tick = time.perf_counter()
     say("ingest …")
     ingested = ingest(manifest, root / SHARDS, replace(
-        ingest_settings(policy, settings.ingest_workers), network=settings.network))
+        ingest_settings(policy, settings.ingest_workers), network=settings.network),
+        runner=runner)
     seconds["ingest"] = time.perf_counter() - tick
     tick = time.perf_counter()
     say("embed …")
     embedded = embed(root / SHARDS, root / FEATURES,
                      load_encoder(*encoder_args(policy, settings), settings.device),
-                     settings.embed, questions=manifest)
+                     settings.embed, questions=manifest, runner=runner)
     seconds["embed"] = time.perf_counter() - tick
-    failures = [str(f) for f in ingested.failures] + list(embedded.failures)
-    return select_and_write(manifest, policy, root, settings, failures, seconds, started, say)
-
-
-def check_questions(manifest: Manifest) -> None:
-    if not manifest.questions:
-        raise UserError("no questions to score: give a manifest with question rows "
-                        "(refocus import … converts benchmark annotation files)")
-
-
-def select_and_write(manifest: Manifest, policy: TrainedPolicy, root: Path,
-                     settings: ScoreSettings, failures: list[str], seconds: dict[str, float],
-                     started: float, say: Callable[[str], None] = lambda line: None,
-                     ) -> dict[str, Any]:
-    """After ingest and embed: select, write the selections, export, write the summary."""
-    k = trained_k(policy, settings.k)
     tick = time.perf_counter()
     say("select …")
-    shards_dir, features_dir = root / SHARDS, root / FEATURES
-    rows = select(features_dir, [shards_dir / shard_files.MANIFEST_FILE], policy.path,
-                  k, settings.device, settings.questions_per_batch,
-                  sources={v.id: v.path for v in manifest.videos})
-    meta = SelectionsMeta(policy=str(policy.path.resolve()), k=k,
-                          shards=str(shards_dir.resolve()),
-                          features=str(features_dir.resolve()))
+    rows, meta = _select(manifest, policy, root, settings)
     files = write_selections(root, rows, meta)
     seconds["select"] = time.perf_counter() - tick
     exported = 0
     if settings.export != "none":
         tick = time.perf_counter()
         say(f"export {settings.export} …")
-        exported = export_frames(rows, shards_dir, root / f"frames-{settings.export}",
+        exported = export_frames(rows, root / SHARDS, root / f"frames-{settings.export}",
                                  settings.export, settings.export_shard_size)
         seconds["export"] = time.perf_counter() - tick
+    failures = [str(f) for f in ingested.failures] + list(embedded.failures)
     summary = {
-        "out": str(root), "policy": meta.policy, "k": k,
+        "out": str(root), "policy": meta.policy, "k": meta.k,
         "videos": len({r.video_id for r in rows}), "questions": len(rows),
         "frames_exported": exported,
         "selections": {name: str(path) for name, path in files.items()},
@@ -307,3 +291,23 @@ def select_and_write(manifest: Manifest, policy: TrainedPolicy, root: Path,
     shard_files.write_jsonl(root / "failures.jsonl", [{"error": f} for f in failures])
     shard_files.write_json_atomic(root / "summary.json", summary)
     return summary
+
+
+def check_questions(manifest: Manifest) -> None:
+    if not manifest.questions:
+        raise UserError("no questions to score: give a manifest with question rows "
+                        "(refocus import … converts benchmark annotation files)")
+
+
+def _select(manifest: Manifest, policy: TrainedPolicy, root: Path,
+            settings: ScoreSettings) -> tuple[list[FrameSelection], SelectionsMeta]:
+    """The policy's picks over the embedded corpus, and what the selections record."""
+    shards_dir, features_dir = root / SHARDS, root / FEATURES
+    k = trained_k(policy, settings.k)
+    rows = select(features_dir, [shards_dir / shard_files.MANIFEST_FILE], policy.path,
+                  k, settings.device, settings.questions_per_batch,
+                  sources={v.id: v.path for v in manifest.videos})
+    meta = SelectionsMeta(policy=str(policy.path.resolve()), k=k,
+                          shards=str(shards_dir.resolve()),
+                          features=str(features_dir.resolve()))
+    return rows, meta

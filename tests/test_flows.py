@@ -22,6 +22,7 @@ from flows import orchestrate
 from flows.cli import main
 from flows.orchestrate import preprocess_flow, with_runner
 from flows.runtime import Orchestration, is_transient
+from pipelines import ingest as ingest_module
 from pipelines.embed import EmbedSettings, embed
 from pipelines.encoder import SYNTH_ENCODER, load_encoder
 from pipelines.ingest import IngestSettings, ingest
@@ -184,7 +185,7 @@ def test_a_killed_flow_leaves_no_prefect_server_behind(corpus, tmp_path):
 def test_transient_errors_are_retried_and_bad_input_is_not(prefect_api, corpus, plain,
                                                            tmp_path, monkeypatch):
     calls: dict[int, int] = {}
-    real = orchestrate.ingest_shard
+    real = ingest_module.ingest_shard
 
     def flaky(index, videos, out, settings, report):
         calls[index] = calls.get(index, 0) + 1
@@ -194,7 +195,7 @@ def test_transient_errors_are_retried_and_bad_input_is_not(prefect_api, corpus, 
             raise UserError("shard 2: bad input")  # not transient: fails at once
         return real(index, videos, out, settings, report)
 
-    monkeypatch.setattr(orchestrate, "ingest_shard", flaky)
+    monkeypatch.setattr(ingest_module, "ingest_shard", flaky)  # the step of every runner
     o = Orchestration(workers=2, retries=3, retry_delay=0)
     summary = with_runner(orchestrate.ingest_flow, o)(
         [str(corpus)], str(tmp_path / "shards"), IngestSettings(shard_size=SHARD_SIZE),

@@ -13,6 +13,7 @@ from flows.options import (
     EXIT_FAILURES,
     EXIT_OK,
     add_command,
+    add_runner_option,
     default_of,
     non_negative_int,
     positive_int,
@@ -74,18 +75,28 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-index", action="store_true", help="do not build the FAISS index")
     p.add_argument("--ivf-threshold", type=positive_int, default=IndexSettings.ivf_threshold,
                    metavar="N", help="use an IVF index above N frames (exact below)")
+    add_runner_option(p)
     p.set_defaults(run=_run_embed)
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    from pipelines.embed import EmbedSettings, claim_features, embed, plan
-    from pipelines.encoder import load_encoder
+    from pipelines.embed import EmbedSettings, claim_features, plan
 
     plan(ShardSet(args.shards), args.batch_size)  # a bad --shards fails before the model loads
     claim_features(args.shards, args.out)  # and so does a bad --out
-    encoder = load_encoder(args.model, args.pretrained, args.device)
     index = None if args.no_index else IndexSettings(ivf_threshold=args.ivf_threshold)
     settings = EmbedSettings(batch_size=args.batch_size, workers=args.workers, index=index)
+    run = _embed_here if args.runner == "local" else _embed_in_flow
+    summary, device = run(args, settings)
+    _print_summary(summary, device)
+    return EXIT_FAILURES if summary.failures else EXIT_OK
+
+
+def _embed_here(args: argparse.Namespace, settings: Any) -> tuple[Any, str]:
+    from pipelines.embed import embed
+    from pipelines.encoder import load_encoder
+
+    encoder = load_encoder(args.model, args.pretrained, args.device)
     with console.progress_bar("embed", "frames") as bar:
         task = bar.add_task("embed", total=None, detail="")
 
@@ -95,8 +106,19 @@ def _run_embed(args: argparse.Namespace) -> int:
         summary = embed(args.shards, args.out, encoder, settings,
                         read_questions(args.questions, args.shards),
                         on_start=on_start, report=lambda n: bar.update(task, advance=n))
-    _print_summary(summary, encoder.device.type)
-    return EXIT_FAILURES if summary.failures else EXIT_OK
+    return summary, encoder.device.type
+
+
+def _embed_in_flow(args: argparse.Namespace, settings: Any) -> tuple[Any, str]:
+    from flows.orchestrate import embed_flow
+    from flows.runners import run_flow
+    from pipelines.embed import EmbedSummary
+    from refocus.device import pick_device
+
+    questions = [str(p) for p in args.questions] if args.questions else None
+    summary = run_flow(embed_flow, args.runner, args.workers, str(args.shards), str(args.out),
+                       args.model, args.pretrained, questions, settings, args.device)
+    return EmbedSummary.from_dict(summary), pick_device(args.device).type
 
 
 def _print_summary(s: Any, device: str) -> None:

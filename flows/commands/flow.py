@@ -22,11 +22,10 @@ from flows.options import (
     non_negative_int,
     positive_int,
 )
+from flows.runtime import prepare_prefect
 from pipelines.settings import EXPORTS, SYNTH_ENCODER, ScoreSettings
 from stores.errors import UserError
 from stores.urls import is_url
-
-STARTUP_TIMEOUT = "90"  # Prefect's temporary server takes 11–19 s to start on a small machine
 
 
 def _runner_options(p: argparse.ArgumentParser) -> None:
@@ -157,14 +156,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- running
 
-def _prefect_environment(temporary_server: bool = True) -> None:
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT)
-    if temporary_server:  # (when PREFECT_API_URL is unset) stopped even after kill -9 of this
-        from flows.runtime import guard_temporary_server
-
-        guard_temporary_server()
-
-
 def _orchestration(args: argparse.Namespace) -> Any:
     from flows.runtime import Orchestration
 
@@ -183,8 +174,9 @@ def _preprocess_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    _prefect_environment()
-    from flows.orchestrate import preprocess_flow, with_runner
+    prepare_prefect()
+    from flows.orchestrate import preprocess_flow
+    from flows.runners import with_runner
 
     summary = with_runner(preprocess_flow, _orchestration(args))(**_preprocess_parameters(args))
     return _report({"ingest": summary["ingest"]["failures"],
@@ -192,21 +184,24 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
 
 def _report(failures: dict[str, list], root: Path) -> int:
+    from pipelines.ingest import Failure
+
     total = sum(len(v) for v in failures.values())
     console.headline("flow", f" done → {root} (logs: {root / 'logs'}, records: "
                      f"{root / 'flow-runs'})")
     for stage, items in failures.items():
         if items:
             console.alert(f"{stage}: {len(items)} failures")
-            console.list_failures([f.get("where", "") + ": " + f.get("error", "")
-                                   if isinstance(f, dict) else f for f in items])
+            console.list_failures([str(Failure(**f)) if isinstance(f, dict) else f
+                                   for f in items])
     return EXIT_FAILURES if total else EXIT_OK
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from flows.commands.score import print_score_summary
-    from flows.orchestrate import score_flow, with_runner
+    from flows.orchestrate import score_flow
+    from flows.runners import with_runner
     from pipelines.score import ScoreSettings
 
     o = _orchestration(args)
@@ -219,7 +214,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from dataclasses import replace
 
     from flows.orchestrate import train_flow
@@ -237,7 +232,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from flows.orchestrate import evaluate_flow
 
     if not args.reward and not args.judge:
@@ -250,7 +245,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_precompute(args: argparse.Namespace) -> int:
-    _prefect_environment()
+    prepare_prefect()
     from flows.orchestrate import precompute_flow
 
     summary = precompute_flow(str(args.shards), str(args.out), args.model, args.device)
@@ -263,7 +258,8 @@ def deployment(args: argparse.Namespace) -> Any:
     """The preprocessing flow as a deployment with the command's parameters and schedule."""
     from prefect.client.schemas.schedules import CronSchedule
 
-    from flows.orchestrate import preprocess_flow, with_runner
+    from flows.orchestrate import preprocess_flow
+    from flows.runners import with_runner
 
     return with_runner(preprocess_flow, _orchestration(args)).to_deployment(
         name=args.name, parameters=_preprocess_parameters(args),
@@ -272,7 +268,7 @@ def deployment(args: argparse.Namespace) -> Any:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    _prefect_environment(temporary_server=False)  # serve needs a running server
+    prepare_prefect(temporary_server=False)  # serve needs a running server
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL
 

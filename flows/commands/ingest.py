@@ -11,6 +11,7 @@ from flows.options import (
     EXIT_OK,
     add_command,
     add_network_options,
+    add_runner_option,
     default_of,
     network_settings,
     non_negative_float,
@@ -79,6 +80,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="redo finished shards that recorded failed videos")
     add_network_options(p)
+    add_runner_option(p)
     p.set_defaults(run=_run_ingest)
 
 
@@ -91,6 +93,13 @@ def _run_ingest(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality, shard_size=args.shard_size, workers=args.workers,
         network=network_settings(args),
     )
+    run = _ingest_here if args.runner == "local" else _ingest_in_flow
+    summary = run(args, settings)
+    _print_ingest_summary(summary)
+    return EXIT_FAILURES if summary.failures else EXIT_OK
+
+
+def _ingest_here(args: argparse.Namespace, settings: IngestSettings) -> IngestSummary:
     manifest = importers.from_inputs(list(args.inputs), settings.network)
     with console.progress_bar("ingest", "videos") as bar:
         task = bar.add_task("ingest", total=None, detail="")
@@ -104,10 +113,17 @@ def _run_ingest(args: argparse.Namespace) -> int:
             frames += event.frames
             bar.update(task, advance=1, detail=f"{frames} frames")
 
-        summary = ingest(manifest, args.out, settings, retry_failed=args.retry_failed,
-                         on_start=on_start, report=report, inputs=args.inputs)
-    _print_ingest_summary(summary)
-    return EXIT_FAILURES if summary.failures else EXIT_OK
+        return ingest(manifest, args.out, settings, retry_failed=args.retry_failed,
+                      on_start=on_start, report=report, inputs=args.inputs)
+
+
+def _ingest_in_flow(args: argparse.Namespace, settings: IngestSettings) -> IngestSummary:
+    from flows.orchestrate import ingest_flow
+    from flows.runners import run_flow
+
+    return IngestSummary.from_dict(run_flow(
+        ingest_flow, args.runner, args.workers, [str(i) for i in args.inputs], str(args.out),
+        settings, args.retry_failed))
 
 
 def _print_ingest_summary(s: IngestSummary) -> None:

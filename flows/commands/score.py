@@ -12,6 +12,7 @@ from flows.options import (
     EXIT_OK,
     add_command,
     add_network_options,
+    add_runner_option,
     default_of,
     network_settings,
     non_negative_int,
@@ -61,6 +62,7 @@ def add_score(sub: argparse._SubParsersAction) -> None:
     add_batch_size(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
     add_network_options(p)
+    add_runner_option(p)
     p.set_defaults(run=_run_score)
 
 
@@ -74,10 +76,17 @@ def _run_score(args: argparse.Namespace) -> int:
         embed=EmbedSettings(batch_size=args.batch_size, workers=args.embed_workers, index=None),
         model=args.model, pretrained=args.pretrained, device=args.device,
         network=network_settings(args))
-    manifest = importers.from_inputs(list(args.inputs), settings.network)
-    with console.err.status("scoring …") as status:
-        summary = score(manifest, args.policy, args.out, settings,
-                        say=lambda line: status.update(line), inputs=args.inputs)
+    if args.runner == "local":
+        manifest = importers.from_inputs(list(args.inputs), settings.network)
+        with console.err.status("scoring …") as status:
+            summary = score(manifest, args.policy, args.out, settings,
+                            say=lambda line: status.update(line), inputs=args.inputs)
+    else:
+        from flows.orchestrate import score_flow
+        from flows.runners import run_flow
+
+        summary = run_flow(score_flow, args.runner, args.workers, [str(i) for i in args.inputs],
+                           str(args.policy), str(args.out), settings)
     print_score_summary(summary)
     return EXIT_FAILURES if summary["failures"] else EXIT_OK
 
