@@ -29,9 +29,10 @@ from pipelines.decode import DecodeSettings, VideoDecoder, VideoError
 from pipelines.runners import Failed, LocalRunner, Runner, Step, ignore, split
 from stores import shards
 from stores.errors import UserError
+from stores.ids import stable_ids
 from stores.manifest import Issue, Manifest, Video, read_manifest, write_manifest
 from stores.owned import Owned, claim
-from stores.urls import NetworkSettings
+from stores.urls import NetworkSettings, is_url
 
 
 @dataclass(frozen=True)
@@ -248,10 +249,30 @@ def _check_plan(out: Path, settings: dict[str, Any]) -> list[list[str]]:
     return existing["shards"]
 
 
+def _place(path: str) -> str:
+    """Where a video is: its URL, or its local path resolved (links followed)."""
+    return path if is_url(path) else os.path.realpath(path)
+
+
+def _with_stored_ids(stored: Manifest, manifest: Manifest) -> Manifest:
+    """``manifest`` with its videos' ids made stable against the ``stored`` corpus
+    (``stores.ids.stable_ids``): a video whose place is stored keeps its stored id, a new one
+    never takes a stored id; its questions follow their video."""
+    places = {v.id: _place(v.path) for v in stored.videos}
+    ids = stable_ids(places, [(v.id, _place(v.path)) for v in manifest.videos])
+    renamed = {v.id: new for v, new in zip(manifest.videos, ids, strict=True)}
+    if all(old == new for old, new in renamed.items()):
+        return manifest
+    return Manifest([replace(v, id=renamed[v.id]) for v in manifest.videos],
+                    [replace(q, video_id=renamed[q.video_id]) for q in manifest.questions],
+                    list(manifest.issues))
+
+
 def _grown_manifest(out: Path, manifest: Manifest) -> Manifest:
-    """The corpus as ingested so far (``manifest.jsonl``) grown by ``manifest``: a video or
-    question of the inputs replaces the stored one of its id, the others are added, and the
-    stored ones gone from the inputs stay (their shards and features stay too)."""
+    """The corpus as ingested so far (``manifest.jsonl``) grown by ``manifest``, ids kept
+    stable (``_with_stored_ids``): a video or question of the inputs replaces the stored one
+    of its id, the others are added, and the stored ones gone from the inputs stay (their
+    shards and features stay too)."""
     path = out / shards.MANIFEST_FILE
     if not path.exists():
         return manifest
@@ -259,6 +280,7 @@ def _grown_manifest(out: Path, manifest: Manifest) -> Manifest:
     if stored.issues:  # refocus wrote it validated: a bad row is damage, not user input
         raise UserError(f"{path}: damaged ({stored.issues[0]}); remove the ingest folder "
                         f"{out} and run ingest again")
+    manifest = _with_stored_ids(stored, manifest)
     videos = {v.id: v for v in stored.videos} | {v.id: v for v in manifest.videos}
     questions = {q.qid: q for q in stored.questions} | {q.qid: q for q in manifest.questions}
     return Manifest(list(videos.values()), list(questions.values()), list(manifest.issues))

@@ -15,7 +15,7 @@ original.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 MAX_ID_BYTES = 200
 # Derived ids stay well under MAX_ID_BYTES: an importer makes question ids from video ids
@@ -97,6 +97,59 @@ def safe_component(value: str, limit: int = DERIVED_ID_BYTES) -> str:
     if len(out.encode("utf-8")) > limit:
         out = _cut(out, limit - HASH_CHARS - 1).rstrip() + "-" + short_hash(value)
     return out
+
+
+def unique_ids(wanted: Sequence[str], reserved: Collection[str] = ()) -> list[str]:
+    """One id per item of ``wanted``, all different and none in ``reserved``.
+
+    An item gets the id it wants when that id is not reserved and no earlier item wants it;
+    each other item gets ``<wanted>-2``, ``-3``, ... (the smallest number whose id is not
+    reserved, not wanted by any item and not given yet), so a suffix never takes the id
+    another item wants. Without clashes every item keeps its id."""
+    taken = set(reserved)
+    out: list[str | None] = []
+    for want in wanted:
+        out.append(None if want in taken else want)
+        taken.add(want)  # wanted by an item: never another's suffix
+    result: list[str] = []
+    for want, got in zip(wanted, out, strict=True):
+        n = 2
+        while got is None:
+            candidate = f"{want}-{n}"
+            if candidate not in taken:
+                got = candidate
+                taken.add(candidate)
+            n += 1
+        result.append(got)
+    return result
+
+
+def stable_ids(stored: Mapping[str, str], items: Sequence[tuple[str, str]]) -> list[str]:
+    """The ids of ``items`` (``(id, place)`` pairs, a place being a resolved path or a URL)
+    joining a corpus that already holds ``stored`` (id → place), so that a stored id never
+    changes its place and a place keeps its stored id.
+
+    An item whose id is stored for its own place keeps it; an item whose place is stored
+    under other ids takes the first of those no other item keeps (importers that number
+    clashing file names may have numbered it differently this time); every other item is
+    new and gets ``unique_ids`` of its id with all stored ids reserved, so it never takes
+    the id of a stored video, even one gone from the inputs."""
+    final: list[str | None] = [vid if stored.get(vid) == place else None
+                               for vid, place in items]
+    claimed = {vid for vid in final if vid is not None}
+    by_place: dict[str, list[str]] = {}
+    for vid, place in stored.items():
+        by_place.setdefault(place, []).append(vid)
+    for i, (_, place) in enumerate(items):
+        if final[i] is None:
+            free = [vid for vid in by_place.get(place, ()) if vid not in claimed]
+            if free:
+                final[i] = free[0]
+                claimed.add(free[0])
+    new = [i for i, vid in enumerate(final) if vid is None]
+    for i, vid in zip(new, unique_ids([items[i][0] for i in new], stored), strict=True):
+        final[i] = vid
+    return [vid for vid in final if vid is not None]
 
 
 def export_key(value: str) -> str:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from conftest import make_video
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,7 @@ from flows.cli import EXIT_OK, EXIT_USAGE, main
 from pipelines.ingest import plan_shards
 from pipelines.synth import SynthSettings, generate
 from stores.features import STORE_DIR, FeatureStore, FeatureWriter, Layout
+from stores.ids import stable_ids
 from stores.index import INDEX_DIR, INDEX_FILE, FrameIndex, IndexSettings, build_index
 from stores.manifest import Video
 
@@ -281,3 +284,60 @@ def test_a_damaged_stored_manifest_is_refused_in_one_line(grown, corpus, tmp_pat
     assert ingest(corpus / "all.jsonl", shards) == EXIT_USAGE
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "manifest.jsonl: damaged (" in line and "run ingest again" in line
+
+
+# ----------------------------------------------------------------------------- stable ids
+
+def samples(folder: Path) -> dict[str, list[tuple[str, str, int]]]:
+    """Per shard tar, read with tarfile: (key, source, source width) of each sample."""
+    out = {}
+    for tar_path in sorted(folder.glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            metas = [(m.name.removesuffix(".json"), json.load(tar.extractfile(m)))
+                     for m in tar.getmembers() if m.name.endswith(".json")]
+        out[tar_path.name] = [(key, meta["source"], meta["source_width"]) for key, meta in metas]
+    return out
+
+
+def test_a_file_added_beside_one_of_the_same_name_is_ingested_once_under_a_new_id(tmp_path):
+    watched, out = tmp_path / "watched", tmp_path / "shards"
+    watched.mkdir()
+    mp4 = str(make_video(watched / "a.mp4", 12, size=(64, 48)).resolve())
+    assert ingest(watched, out) == EXIT_OK
+    tar = out / "shard-000000.tar"
+    first = (tar.read_bytes(), tar.stat().st_mtime_ns)
+    mkv = str(make_video(watched / "a.mkv", 12, size=(96, 64)).resolve())  # sorts before a.mp4
+    assert ingest(watched, out) == EXIT_OK
+    expected = {"shard-000000.tar": [("a", mp4, 64)], "shard-000001.tar": [("a-2", mkv, 96)]}
+    assert samples(out) == expected
+    assert (tar.read_bytes(), tar.stat().st_mtime_ns) == first
+    assert json.loads((out / "plan.json").read_text())["shards"] == [["a"], ["a-2"]]
+    stored = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["path"] for r in stored} == {"a": mp4, "a-2": mkv}
+    # again: the importer numbers them the other way round (a.mkv first); nothing changes
+    assert ingest(watched, out) == EXIT_OK
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["videos"], summary["shards_written"], summary["shards_skipped"]) == (2, 0, 2)
+    assert samples(out) == expected
+    assert (tar.read_bytes(), tar.stat().st_mtime_ns) == first
+
+
+STORED = {"a": "/v/a.mp4", "a-2": "/v/a.mkv", "b": "/v/b.mp4", "gone": "/v/gone.mp4",
+          "x1": "/v/same.mp4", "x2": "/v/same.mp4"}
+
+
+@pytest.mark.parametrize("items, expected", [
+    # the stored places keep their ids, whatever the importer calls them this time
+    ([("a", "/v/a.mkv"), ("a-2", "/v/a.mp4"), ("b", "/v/b.mp4")], ["a-2", "a", "b"]),
+    # a new file never takes a stored id, not even one of a video gone from the inputs
+    ([("a", "/v/a.avi"), ("a-2", "/v/a.mkv"), ("a-3", "/v/a.mp4")], ["a-3", "a-2", "a"]),
+    ([("gone", "/v/new/gone.mp4")], ["gone-2"]),
+    # new ids keep what they want when free; a suffix never takes the id a new file wants
+    ([("c", "/v/c.mp4"), ("b", "/v/b.webm"), ("b-2", "/v/b-2.mp4")], ["c", "b-3", "b-2"]),
+    # one place stored under two ids: each keeps its own; a third name for it is new
+    ([("x2", "/v/same.mp4"), ("x1", "/v/same.mp4"), ("x3", "/v/same.mp4")], ["x2", "x1", "x3"]),
+    ([("y", "/v/same.mp4"), ("z", "/v/same.mp4"), ("w", "/v/same.mp4")], ["x1", "x2", "w"]),
+    ([], []),
+])
+def test_stable_ids_follow_the_stored_places(items, expected):
+    assert stable_ids(STORED, items) == expected

@@ -19,6 +19,7 @@ from stores.ids import (
     export_keys,
     id_problem,
     safe_component,
+    unique_ids,
 )
 from stores.shards import ShardSet, ShardWriter, write_plan
 
@@ -198,3 +199,16 @@ def test_export_keys_are_distinct_valid_webdataset_keys(qids):
     keys = export_keys(qids)
     assert len(set(keys.values())) == len(qids)
     assert all(id_problem(k, allow_dot=False) is None for k in keys.values())
+
+
+@pytest.mark.parametrize("wanted, reserved, expected", [
+    (["a", "b", "c"], [], ["a", "b", "c"]),  # no clash: every id as wanted
+    (["a", "a", "a"], [], ["a", "a-2", "a-3"]),
+    (["a", "a", "a-2"], [], ["a", "a-3", "a-2"]),  # a suffix never takes a wanted id
+    (["a", "a-2", "a"], [], ["a", "a-2", "a-3"]),
+    (["a", "b"], ["a", "a-2"], ["a-3", "b"]),  # reserved ids are never given
+    (["a-2", "a"], ["a"], ["a-2", "a-3"]),
+    ([], ["a"], []),
+])
+def test_unique_ids_against_a_table(wanted, reserved, expected):
+    assert unique_ids(wanted, reserved) == expected

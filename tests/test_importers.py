@@ -119,6 +119,16 @@ def test_folder_import_is_recursive_by_extension_with_safe_unique_ids(tmp_path):
     }
 
 
+def test_a_clash_is_numbered_without_taking_the_id_of_another_file(tmp_path):
+    for rel in ["x/a.mkv", "x/a.mp4", "x__a-2.mp4", "b.mp4"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    m = import_folder(tmp_path)
+    assert {v.id: Path(v.path).relative_to(tmp_path).as_posix() for v in m.videos} == {
+        "b": "b.mp4", "x__a": "x/a.mkv", "x__a-3": "x/a.mp4", "x__a-2": "x__a-2.mp4",
+    }
+
+
 def test_inputs_combine_files_folders_and_manifests(tmp_path, videos):
     write_manifest(tmp_path / "m.jsonl", from_inputs([str(videos / "realshort.mp4")]))
     m = from_inputs([str(videos / "nasa_13013.mp4"), str(tmp_path / "m.jsonl")])

@@ -10,22 +10,13 @@ import os
 from pathlib import Path
 
 from stores.errors import UserError
-from stores.ids import safe_component
+from stores.ids import safe_component, unique_ids
 from stores.manifest import Issue, Manifest, build_manifest, sort_issues
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
     ".3gp", ".ogv",
 })
-
-
-def _unique(candidate: str, taken: set[str]) -> str:
-    out, n = candidate, 2
-    while out in taken:
-        out = f"{candidate}-{n}"
-        n += 1
-    taken.add(out)
-    return out
 
 
 def _is_loop(path: Path) -> bool:
@@ -40,18 +31,21 @@ def _is_loop(path: Path) -> bool:
 def import_video_files(paths: list[Path], root: Path | None = None) -> Manifest:
     """One video row per path. The id is the path relative to ``root`` (or the file name)
     without its extension, made safe (``a/b.c.mp4`` → ``a__b_c``; a long one is cut and gets a
-    short hash of the whole); clashes get ``-2``, ``-3``."""
-    taken: set[str] = set()
-    rows = []
+    short hash of the whole); of files that clash, the first keeps the id and the others get
+    ``-2``, ``-3`` (``stores.ids.unique_ids``). An ingest that grows a corpus keeps the ids it
+    stored for files it already holds (``stores.ids.stable_ids``)."""
     loops: list[Issue] = []
+    found: list[Path] = []
     for p in paths:
         if _is_loop(p):
             loops.append(Issue(str(p), "path", "symbolic link loop (it leads back to itself); "
                                                "left out"))
-            continue
-        stem = p.relative_to(root).with_suffix("").as_posix() if root else p.stem
-        vid = _unique(safe_component(stem), taken)
-        rows.append((str(p), {"type": "video", "id": vid, "path": str(p.resolve())}))
+        else:
+            found.append(p)
+    stems = [p.relative_to(root).with_suffix("").as_posix() if root else p.stem for p in found]
+    ids = unique_ids([safe_component(stem) for stem in stems])
+    rows = [(str(p), {"type": "video", "id": vid, "path": str(p.resolve())})
+            for p, vid in zip(found, ids, strict=True)]
     manifest = build_manifest(rows)
     manifest.issues = sort_issues(loops + manifest.issues)
     return manifest
