@@ -10,7 +10,6 @@ one sample per question. Questions whose video failed to land are reported, not 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -18,16 +17,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pipelines.corpus import load_corpus
 from pipelines.decode import DecodeSettings
 from pipelines.embed import EmbedSettings, embed
 from pipelines.encoder import encoder_spec, load_encoder
 from pipelines.ingest import IngestSettings, ingest
-from pipelines.learn import load_corpus, load_policy, policy_record
+from pipelines.policies import TrainedPolicy, find_policy, load_policy, policy_record
 from refocus.device import pick_device
 from refocus.selectors import Learned
 from stores import shards as shard_files
 from stores.errors import UserError
-from stores.features import FeatureStore, same_encoder
+from stores.features import same_encoder
 from stores.manifest import Manifest
 from stores.owned import Owned, claim
 from stores.selections import (
@@ -63,21 +63,6 @@ class ScoreSettings:
             raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
 
 
-@dataclass(frozen=True)
-class TrainedPolicy:
-    """A policy folder, the feature store it was trained on, and the frame budgets of its
-    training curriculum (empty when neither its folder nor its run records them)."""
-
-    path: Path
-    store: FeatureStore | None
-    budgets: tuple[int, ...] = ()
-
-
-def _recorded_budgets(record: dict[str, Any]) -> tuple[int, ...]:
-    budgets = (record.get("settings") or {}).get("budgets") or ()
-    return tuple(int(k) for k in budgets)
-
-
 def trained_k(policy: TrainedPolicy, k: int | None) -> int:
     """The budget to score with: ``k`` when given, else the largest budget the policy was
     trained (and validated) on."""
@@ -91,27 +76,6 @@ def trained_k(policy: TrainedPolicy, k: int | None) -> int:
 
 def with_trained_k(settings: ScoreSettings, policy: TrainedPolicy) -> ScoreSettings:
     return replace(settings, k=trained_k(policy, settings.k))
-
-
-def find_policy(path: str | os.PathLike[str]) -> TrainedPolicy:
-    """A training run folder or a policy model folder, with its run's training store (when
-    it is still where run.json says: what older policies, which do not record their encoder
-    and candidate settings themselves, are scored with)."""
-    folder = Path(path)
-    if not folder.exists():
-        raise UserError(f"{path}: no such policy (give a refocus train --out folder)")
-    if not policy_record(folder):
-        raise UserError(f"{path}: holds no refocus policy (give a refocus train --out folder "
-                        "or its policy/ folder)")
-    budgets = _recorded_budgets(policy_record(folder))
-    for candidate in (folder, folder.parent):
-        run = candidate / "run.json"
-        if run.exists():
-            record = json.loads(run.read_text())
-            store = record["store"]
-            return TrainedPolicy(folder, FeatureStore(store) if Path(store).exists() else None,
-                                 budgets or _recorded_budgets(record))
-    return TrainedPolicy(folder, None, budgets)
 
 
 def ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:
