@@ -657,13 +657,14 @@ class GRPOTrainer:
             if not saved:
                 raise ValueError("the checkpoint holds no reference policy for the KL penalty")
             self.reference.load_state_dict(saved)
-        state: dict[int, dict[str, torch.Tensor]] = {}
+        moments: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value.to(self.corpus.device) \
+                moments.setdefault(int(index), {})[name] = value.to(self.corpus.device) \
                     if name != "step" else value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
+        self.optimizer.load_state_dict({"state": moments,
+                                        "param_groups": meta["optimizer_groups"]})
         own = "generator" if self.rank == 0 else f"generator.rank{self.rank}"
         if own in tensors:  # (a rank the saved run did not have keeps its fresh generator)
             self.generator.set_state(tensors[own])

@@ -16,7 +16,8 @@ RUN/complete.json          written last, when every output above is in place
 
 Runs written before this layout kept the best policy in ``RUN/policy/`` (so a run called
 ``policy`` held ``policy/policy/``); they still load (:func:`find_policy_folder`), and a
-finished run's outputs re-written here move it to the flat layout.
+finished run's outputs re-written here move it to the flat layout; the path ``RUN/policy``
+still names a run's best policy.
 
 :func:`find_policy_folder` is the one resolution of a path given as a policy: a run folder
 (either layout), its ``policy-last/``, or a bare policy model folder; with the run's
@@ -183,9 +184,11 @@ def _policy_record(folder: Path) -> dict[str, Any] | None:
 
 def find_policy_folder(path: str | os.PathLike[str]) -> PolicyFolder | None:
     """The policy a path names: a run folder's best policy (the folder itself, or its
-    ``policy/`` in the old layout), or a policy model folder; None when it holds none."""
+    ``policy/`` in the old layout), or a policy model folder; None when it holds none.
+    ``RUN/policy``, the old layout's path of the best policy, names it in either layout."""
     given = Path(path)
-    for folder in (given, given / OLD_BEST):
+    alias = [given.parent] if given.name == OLD_BEST and not given.exists() else []
+    for folder in (given, given / OLD_BEST, *alias):
         record = _policy_record(folder)
         if record is not None:
             run = next((RunFolder.open(f).identity() for f in (folder, folder.parent)
