@@ -66,6 +66,9 @@ class RunFolder:
     path: Path
     owned: Owned | None = None
 
+    def __fspath__(self) -> str:
+        return str(self.path)
+
     @classmethod
     def claim(cls, path: str | os.PathLike[str],
               inputs: Iterable[str | os.PathLike[str] | None] = ()) -> RunFolder:
