@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import plots
+from pipelines.corpus import load_corpus
 from pipelines.distill import distill_reader_stage
 from pipelines.embed import EmbedSettings, embed
 from pipelines.encoder import SYNTH_ENCODER, load_encoder
@@ -32,12 +33,11 @@ from pipelines.ingest import IngestSettings, ingest
 from pipelines.learn import (
     RunSettings,
     evaluate_stage,
-    load_corpus,
-    load_policy,
     train_policy_stage,
     train_reader_stage,
 )
 from pipelines.margins import ReferenceOptions
+from pipelines.policies import load_policy
 from pipelines.reference import precompute_reference
 from pipelines.score import ScoreSettings, score
 from pipelines.synth import SynthSettings, generate

@@ -1,6 +1,7 @@
 """Learning stages as plain functions: train the reader, train the policy (GRPO, resumable),
 evaluate selectors. Each reads the feature store and a QA manifest, runs the learning core
-(``refocus/``) and writes its results (``stores/checkpoints``, Markdown/CSV, PNG plots)."""
+(``refocus/``) and writes its results (run folders through ``stores/runs.py``, model
+folders through ``stores/checkpoints``, Markdown/CSV, PNG plots)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from pipelines import plots
+from pipelines.corpus import load_corpus, qa_paths
+from pipelines.policies import load_policy, policy_reward
 from refocus.data import Corpus
 from refocus.device import pick_device
 from refocus.evaluation import (
@@ -33,7 +36,7 @@ from refocus.evaluation import (
     evaluate,
     labels,
 )
-from refocus.policy import FrameSelector, PolicyConfig
+from refocus.policy import PolicyConfig
 from refocus.reader import (
     AnyReader,
     ReaderConfig,
@@ -58,40 +61,12 @@ from refocus.trainer import (
     process_group,
     rank_and_world,
 )
-from stores import checkpoints
+from stores import checkpoints, runs
 from stores.errors import UserError
 from stores.features import FeatureStore
-from stores.manifest import merge, read_manifest
 from stores.owned import Owned, claim
-from stores.shards import question_manifests, write_json_atomic
-
-COMPLETE = "complete.json"  # written last by a finished training run
-
-
-def qa_paths(store: str | os.PathLike[str],
-             qa: Sequence[str | os.PathLike[str]] | None) -> list[Path]:
-    """The manifests with the questions: those given, else the one that was ingested."""
-    paths = question_manifests(qa, FeatureStore(store).ingest.get("shards"))
-    if not paths:
-        raise UserError(f"{store}: its ingest folder holds no question manifest; give the "
-                        "questions with --qa MANIFEST")
-    return paths
-
-
-def load_corpus(store: str | os.PathLike[str], qa: Sequence[str | os.PathLike[str]] | None,
-                device: str | torch.device = "cpu") -> Corpus:
-    """The store's features joined with the manifest's questions (by default the manifest
-    that was ingested)."""
-    features_store = FeatureStore(store)
-    paths = qa_paths(store, qa)
-    manifests = [read_manifest(p) for p in paths]
-    manifest = merge(manifests)
-    corpus = Corpus(features_store.load(), manifest.questions, device)
-    if not len(corpus):
-        raise UserError(f"{store}: none of the {len(manifest.questions)} questions of "
-                        f"{', '.join(map(str, paths))} is in the feature store; embed them "
-                        "(refocus embed --questions ...)")
-    return corpus
+from stores.runs import RunFolder
+from stores.shards import write_json_atomic
 
 
 def check_splits(corpus: Corpus, store: str | os.PathLike[str],
@@ -251,26 +226,6 @@ def store_shards(store: str | os.PathLike[str]) -> str | None:
 # ----------------------------------------------------------------------------- the policy
 
 TRAIN_VALIDATION_CAP = 256  # questions, when the best checkpoint is chosen on training ones
-FINAL_OUTPUTS = ("policy/" + checkpoints.CONFIG, "policy-last/" + checkpoints.CONFIG,
-                 "training.png", "summary.json", COMPLETE)
-
-
-def policy_folder(path: str | os.PathLike[str]) -> Path:
-    """The policy model folder of a path: a training run folder (its best policy) or a
-    policy folder itself."""
-    folder = Path(path)
-    return folder / "policy" if (folder / "policy" / checkpoints.CONFIG).exists() else folder
-
-
-def policy_record(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What a policy folder's config.json records besides its weights (encoder, candidate
-    settings, training settings …); empty when the folder holds no policy."""
-    config = policy_folder(path) / checkpoints.CONFIG
-    try:
-        meta = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) and meta.get("kind") == "policy" else {}
 
 
 def store_record(store: str | os.PathLike[str]) -> dict[str, Any]:
@@ -278,20 +233,6 @@ def store_record(store: str | os.PathLike[str]) -> dict[str, Any]:
     own folder: the encoder's identity and the candidate-frame (ingest) settings."""
     features = FeatureStore(store)
     return {"encoder": features.encoder, "candidates": features.ingest.get("settings")}
-
-
-def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                ) -> FrameSelector:
-    """A policy from a model folder, or the best policy of a training run folder."""
-    config, weights, _ = checkpoints.load_model(policy_folder(path), "policy")
-    policy = FrameSelector(PolicyConfig(**config))
-    policy.load_state_dict(weights)
-    return policy.to(device).eval()
-
-
-def _score(validation: dict[str, float]) -> float:
-    values = [v for k, v in validation.items() if k.startswith("accuracy@")]
-    return float(np.mean(values)) if values else 0.0
 
 
 def rank_device(env: DistEnv, device: str | None = None) -> torch.device:
@@ -312,16 +253,17 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     """Train (or resume) a run in ``out``; ``stop_after`` ends early after that many steps
     of this call (for tests and time-boxed runs).
 
-    ``out`` is a run folder refocus owns (made here, or one it made before: a folder of the
-    user's is refused), held locked for the whole run (a second run on it is refused). A
-    finished run ends with ``complete.json``, written after every other output; re-running
-    a finished run re-creates from its checkpoint any final output that is missing.
+    ``out`` is a run folder (``stores.runs.RunFolder``: made here, or one refocus made
+    before: a folder of the user's is refused), held locked for the whole run (a second run
+    on it is refused). A finished run ends with ``complete.json``, written after every other
+    output; re-running a finished run re-creates from its checkpoint any final output that
+    is missing.
 
     Under ``torchrun`` (WORLD_SIZE > 1) every process calls this with the same arguments: it
     joins the process group (NCCL on CUDA, each rank on cuda:LOCAL_RANK; else gloo) and the
     trainer splits each step's questions over the ranks and averages their gradients. Every
     rank reads the run folder (to resume); only rank 0 claims, locks and writes to it —
-    run.json, metrics, checkpoints, policy folders, training.png, summary.json — and
+    run.json, metrics, checkpoints, the policies, training.png, summary.json — and
     validates; the others return a summary without validation."""
     if run.surrogate is None and settings.lmm_every != 1:
         raise UserError(f"--lmm-every {settings.lmm_every} needs --surrogate SPEC: the model "
@@ -330,22 +272,23 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     device = rank_device(env, run.device)
     inputs = [store, *(qa or ()), run.reference_features, *reward_inputs(reward_spec),
               *reward_inputs(run.surrogate or "")]
-    with process_group(env, device), _run_folder(Path(out), inputs) as owned:
-        return _train_policy(store, qa, reward_spec, owned, Path(out), settings, run, device,
+    with process_group(env, device), _run_folder(Path(out), inputs) as folder:
+        return _train_policy(store, qa, reward_spec, folder, settings, run, device,
                              on_start, on_step, stop_after)
 
 
 @contextmanager
-def _run_folder(out: Path, inputs: Sequence[Any]) -> Iterator[Owned | None]:
-    """Rank 0 claims and locks the run folder for the block (None on the other ranks); a
-    refusal on rank 0 is raised on every rank, so that none waits for the others forever."""
+def _run_folder(out: Path, inputs: Sequence[Any]) -> Iterator[RunFolder]:
+    """Rank 0 claims and locks the run folder for the block (the other ranks open it to
+    read); a refusal on rank 0 is raised on every rank, so that none waits for the others
+    forever."""
     rank, world = rank_and_world()
     with ExitStack() as stack:
-        owned, problem = None, None
+        folder, problem = RunFolder.open(out), None
         if rank == 0:
             try:
-                owned = claim(out, "run", inputs=inputs)
-                stack.enter_context(owned.lock())
+                folder = RunFolder.claim(out, inputs)
+                stack.enter_context(folder.lock())
             except UserError as e:
                 problem = str(e)
         if world > 1:
@@ -354,16 +297,27 @@ def _run_folder(out: Path, inputs: Sequence[Any]) -> Iterator[Owned | None]:
             problem = box[0]
         if problem:
             raise UserError(problem)
-        yield owned
+        yield folder
+
+
+def run_identity(store: str | os.PathLike[str], qa: Sequence[str] | None,
+                 trained_against: dict[str, Any], settings: GRPOSettings,
+                 run: RunSettings) -> dict[str, Any]:
+    """What a run folder's run.json records: a resume must match it."""
+    return {"store": str(Path(store).resolve()),
+            "qa": [str(Path(p).resolve()) for p in qa] if qa else None,
+            **trained_against, "settings": settings.as_dict(),
+            "run": {k: v for k, v in asdict(run).items() if k not in (
+                "device", "reference_batch", "reference_cache_gb", "surrogate")}}
 
 
 def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, reward_spec: str,
-                  owned: Owned | None, out_dir: Path, settings: GRPOSettings, run: RunSettings,
+                  folder: RunFolder, settings: GRPOSettings, run: RunSettings,
                   device: torch.device, on_start: Callable[[int, int], None] | None,
                   on_step: Callable[[StepMetrics], None] | None,
                   stop_after: int | None) -> dict[str, Any]:
     rank, world = rank_and_world()
-    main = owned is not None  # the one writer (rank 0)
+    main = folder.owned is not None  # the one writer (rank 0)
     corpus = load_corpus(store, qa, device)
     check_splits(corpus, store, qa, run.val_split)
     ref = reference(reward_spec, corpus, store_shards(store), run.reference_features,
@@ -372,37 +326,26 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     trained_against = {"reward": ref.id, **({"surrogate": surrogate.id,
                                              "lmm_every": settings.lmm_every}
                                             if surrogate else {})}
-    identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
-                if qa else None, **trained_against, "settings": settings.as_dict(),
-                "run": {k: v for k, v in asdict(run).items() if k not in (
-                    "device", "reference_batch", "reference_cache_gb", "surrogate")}}
-    saved = checkpoints.load_checkpoint(out_dir)
-    run_file = out_dir / "run.json"
-    if run_file.exists() and saved is not None and not same_run(
-            json.loads(run_file.read_text()), identity):
-        raise UserError(f"{out_dir}: holds a run with other settings, store or reward "
+    identity = run_identity(store, qa, trained_against, settings, run)
+    saved = folder.checkpoint()
+    before = folder.identity()
+    if before is not None and saved is not None and not same_run(before, identity):
+        raise UserError(f"{folder.path}: holds a run with other settings, store or reward "
                         "(run.json); resume with the same options or choose another --out")
     if main:
-        write_json_atomic(run_file, identity)
-    cache = RewardCache(ref.id, saved.cache if saved else ())  # per rank; rank 0's is saved
+        folder.write_identity(identity)
+    cache = RewardCache(ref.id)  # per rank; rank 0's is saved (filled from the checkpoint)
     reward_model = RewardModel(ref, cache)
     policy_config = PolicyConfig(dim=corpus.frame_embedding.shape[1], hidden=run.hidden,
                                  layers=run.layers)
     trainer = GRPOTrainer(corpus, reward_model, settings, policy_config, surrogate,
-                          state=(saved.tensors, saved.meta) if saved is not None else None)
-    metrics = checkpoints.MetricsLog(out_dir / "metrics.jsonl") if main else None
-    best = {"score": -1.0, "step": 0, "validation": {}}
-    best_weights = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
-    standing_on = checkpoints.CHECKPOINT  # the checkpoint copy the run was loaded from
-    if saved is not None:
-        best = saved.meta["best"]
-        best_weights = {k[len("best."):]: v for k, v in saved.tensors.items()
-                        if k.startswith("best.")}
-        standing_on = saved.copy
-        if main:
-            metrics.truncate_after(trainer.step_count)
+                          state=saved)
+    metrics = folder.metrics() if main else None
+    standing_on = saved.copy if saved is not None else checkpoints.CHECKPOINT
+    if main and saved is not None:
+        metrics.truncate_after(trainer.step_count)
     elif main:
-        owned.remove("metrics.jsonl")
+        folder.clear_metrics()
     val_rows = corpus.rows(run.val_split)
     if run.val_split == "train":
         val_rows = val_rows[:TRAIN_VALIDATION_CAP]
@@ -415,13 +358,10 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
 
     def checkpoint() -> None:
         nonlocal standing_on
-        tensors, meta = trainer.state()  # on every rank: it gathers their generators
-        if not main:
-            return
-        tensors.update({f"best.{k}": v for k, v in best_weights.items()})
-        meta["best"] = best
-        checkpoints.save_checkpoint(owned, tensors, meta, cache.items(), standing_on)
-        standing_on = checkpoints.CHECKPOINT
+        state = trainer.state()  # on every rank: it gathers their generators
+        if main:
+            folder.save_checkpoint(state, standing_on)
+            standing_on = checkpoints.CHECKPOINT
 
     while trainer.step_count < settings.steps:
         m = trainer.step()
@@ -438,11 +378,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
             rows.append({"kind": "val", "step": trainer.step_count, **validation,
                          "reward_subsets": judged.subsets, "reward_forwards": judged.forwards,
                          "reward_seconds": judged.seconds})
-            if _score(validation) > best["score"]:
-                best = {"score": _score(validation), "step": trainer.step_count,
-                        "validation": validation}
-                best_weights = {k: v.detach().clone()
-                                for k, v in trainer.policy.state_dict().items()}
+            trainer.keep_if_best(validation)
         if main:
             for row in rows:
                 metrics.append(row)
@@ -457,6 +393,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
         if stopping:
             break
     finished = trainer.step_count >= settings.steps
+    best = trainer.best
     summary = {
         "steps": trainer.step_count, "finished": finished,
         "seconds_this_call": round(time.perf_counter() - started, 1),
@@ -467,21 +404,19 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
         **({"surrogate": surrogate.id, "lmm_every": settings.lmm_every} if surrogate else {}),
         "reward_calls": reward_calls(list(metrics.rows())) if metrics else {},
     }
-    if main and finished and (steps_this_call or any(not (out_dir / name).exists()
-                                                     for name in FINAL_OUTPUTS)):
-        owned.remove(COMPLETE)  # until every final output below is in place again
+    if main and finished and (steps_this_call or folder.missing_outputs()):
+        folder.uncomplete()  # until every final output below is in place again
         record = {"settings": settings.as_dict(), **trained_against, **store_record(store)}
-        checkpoints.save_model(out_dir / "policy", "policy", policy_config.as_dict(),
-                               best_weights, chosen="best validation", best=best, **record)
-        checkpoints.save_model(out_dir / "policy-last", "policy", policy_config.as_dict(),
-                               trainer.policy.state_dict(), chosen="last step", **record)
-        plots.training_curves(list(metrics.rows()), out_dir / "training.png",
+        folder.write_policy(policy_config.as_dict(), trainer.best_weights,
+                            chosen="best validation", best=best, **record)
+        folder.write_policy(policy_config.as_dict(), trainer.policy.state_dict(), last=True,
+                            chosen="last step", **record)
+        plots.training_curves(list(metrics.rows()), folder.path / runs.CURVES,
                               best=best["step"] or None)
     if main:
-        write_json_atomic(out_dir / "summary.json", summary)
-    if main and finished and not (out_dir / COMPLETE).exists():
-        write_json_atomic(out_dir / COMPLETE, {"steps": trainer.step_count, "best": best,
-                                               "outputs": list(FINAL_OUTPUTS[:-1])})
+        folder.write_summary(summary)
+    if main and finished and not folder.is_complete():
+        folder.write_complete(trainer.step_count, best)
     if world > 1:  # no rank leaves (and re-reads the run) before rank 0 has written it
         dist.barrier()
     return summary
@@ -490,13 +425,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
 def same_run(before: dict[str, Any], identity: dict[str, Any]) -> bool:
     """Whether a run folder's ``run.json`` (``before``) names this run; a GRPO setting added
     to refocus since that run was written counts as its default there."""
-    now = json.loads(json.dumps(identity))
-    defaults = json.loads(json.dumps(GRPOSettings().as_dict()))
-    old = dict(before.get("settings") or {})
-    for key, value in now.get("settings", {}).items():
-        if key not in old and key in defaults and value == defaults[key]:
-            old[key] = value
-    return {**before, "settings": old} == now
+    return runs.same_run(before, identity, GRPOSettings().as_dict())
 
 
 def _surrogate(spec: str | None, corpus: Corpus, store: str | os.PathLike[str],
@@ -557,19 +486,6 @@ def judge_specs(reward_spec: str | None, judges: Sequence[str] = ()) -> list[str
         if spec != IDEAL and not (kind in ("reader", "lmm") and target):
             raise UserError(f"{option} {spec!r}: expected {JUDGE_FORMS}")
     return list(dict.fromkeys(spec for _, spec in named))
-
-
-def policy_reward(path: str | os.PathLike[str]) -> str | None:
-    """The id of the reference that gave a policy its rewards: from its config.json, else from
-    the run folder's run.json; None when neither says."""
-    reward = policy_record(path).get("reward")
-    if reward:
-        return str(reward)
-    try:
-        run = json.loads((Path(path) / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return str(run["reward"]) if isinstance(run, dict) and run.get("reward") else None
 
 
 def evaluate_stage(store: str | os.PathLike[str], qa: Sequence[str] | None, split: str,

@@ -10,26 +10,26 @@ one sample per question. Questions whose video failed to land are reported, not 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from pipelines.corpus import load_corpus
 from pipelines.decode import DecodeSettings
 from pipelines.embed import embed
 from pipelines.encoder import encoder_spec, load_encoder
 from pipelines.ingest import IngestSettings, ingest
-from pipelines.learn import load_corpus, load_policy, policy_record
+from pipelines.policies import TrainedPolicy, find_policy, load_policy, policy_record
 from pipelines.runners import LocalRunner, Runner
 from pipelines.settings import ScoreSettings
 from refocus.device import pick_device
 from refocus.selectors import Learned
 from stores import shards as shard_files
 from stores.errors import UserError
-from stores.features import FeatureStore, same_encoder
+from stores.features import same_encoder
 from stores.manifest import Manifest
 from stores.owned import Owned, claim
 from stores.selections import (
@@ -41,21 +41,6 @@ from stores.selections import (
 from stores.shards import ShardSet
 
 SHARDS, FEATURES = "shards", "features"  # under the output folder
-
-
-@dataclass(frozen=True)
-class TrainedPolicy:
-    """A policy folder, the feature store it was trained on, and the frame budgets of its
-    training curriculum (empty when neither its folder nor its run records them)."""
-
-    path: Path
-    store: FeatureStore | None
-    budgets: tuple[int, ...] = ()
-
-
-def _recorded_budgets(record: dict[str, Any]) -> tuple[int, ...]:
-    budgets = (record.get("settings") or {}).get("budgets") or ()
-    return tuple(int(k) for k in budgets)
 
 
 def trained_k(policy: TrainedPolicy, k: int | None) -> int:
@@ -71,27 +56,6 @@ def trained_k(policy: TrainedPolicy, k: int | None) -> int:
 
 def with_trained_k(settings: ScoreSettings, policy: TrainedPolicy) -> ScoreSettings:
     return replace(settings, k=trained_k(policy, settings.k))
-
-
-def find_policy(path: str | os.PathLike[str]) -> TrainedPolicy:
-    """A training run folder or a policy model folder, with its run's training store (when
-    it is still where run.json says: what older policies, which do not record their encoder
-    and candidate settings themselves, are scored with)."""
-    folder = Path(path)
-    if not folder.exists():
-        raise UserError(f"{path}: no such policy (give a refocus train --out folder)")
-    if not policy_record(folder):
-        raise UserError(f"{path}: holds no refocus policy (give a refocus train --out folder "
-                        "or its policy/ folder)")
-    budgets = _recorded_budgets(policy_record(folder))
-    for candidate in (folder, folder.parent):
-        run = candidate / "run.json"
-        if run.exists():
-            record = json.loads(run.read_text())
-            store = record["store"]
-            return TrainedPolicy(folder, FeatureStore(store) if Path(store).exists() else None,
-                                 budgets or _recorded_budgets(record))
-    return TrainedPolicy(folder, None, budgets)
 
 
 def ingest_settings(policy: TrainedPolicy, workers: int) -> IngestSettings:

@@ -76,6 +76,7 @@ from refocus.policy import FrameSelector, PolicyConfig
 from refocus.rewards import RewardCounts, RewardModel, pad_subsets, reward
 from refocus.selectors import Learned, uniform_indices
 from refocus.settings import FILTER_STATISTICS, GRPOSettings
+from stores.checkpoints import Checkpoint
 
 
 @dataclass
@@ -344,13 +345,19 @@ def window_filter(corpus: Corpus, questions: list[int], reward_model: RewardMode
     return kept, variances
 
 
+def validation_score(validation: dict[str, float]) -> float:
+    """What the best policy is chosen by: the mean accuracy over the validated budgets."""
+    values = [v for k, v in validation.items() if k.startswith("accuracy@")]
+    return float(np.mean(values)) if values else 0.0
+
+
 class GRPOTrainer:
     def __init__(self, corpus: Corpus, reward_model: RewardModel, settings: GRPOSettings,
                  policy_config: PolicyConfig | None = None,
                  surrogate: RewardModel | None = None,
-                 state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
-        """``state``: what ``state()`` returned, to resume from (the data filter is then not
-        run again: the saved questions are the filtered ones)."""
+                 state: Checkpoint | None = None) -> None:
+        """``state``: what ``state()`` returned (or a checkpoint read back), to resume from
+        (the data filter is then not run again: the saved questions are the filtered ones)."""
         self.corpus = corpus
         self.reward_model = reward_model
         self.surrogate = surrogate
@@ -380,8 +387,11 @@ class GRPOTrainer:
         if not self.questions:
             raise ValueError("no training questions (split 'train')")
         self.filter_stats: dict[str, Any] = {}
+        # the best policy on validation so far (``keep_if_best``)
+        self.best: dict[str, Any] = {"score": -1.0, "step": 0, "validation": {}}
+        self.best_weights = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
         if state is not None:  # a resumed run: its filtered questions come with it
-            self.load_state(*state)
+            self.load_state(state)
         elif s.filter_threshold is not None:
             self.questions = self._filter(s.filter_threshold)
 
@@ -593,8 +603,21 @@ class GRPOTrainer:
         return out
 
     # ------------------------------------------------------------------ state
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and JSON-able values that restore this trainer exactly."""
+    def keep_if_best(self, validation: dict[str, float]) -> bool:
+        """Keep the policy as the best one when its validation score (``validation_score``)
+        beats the best so far."""
+        score = validation_score(validation)
+        if score <= self.best["score"]:
+            return False
+        self.best = {"score": score, "step": self.step_count, "validation": validation}
+        self.best_weights = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+        return True
+
+    def state(self) -> Checkpoint:
+        """The whole checkpoint: tensors (weights, optimizer moments, generators, the best
+        policy as ``best.*``), JSON-able values (step, settings, numpy generator, questions,
+        the best policy's record) and the reward model's cache, which restore this trainer
+        exactly."""
         tensors = {f"policy.{k}": v.detach().cpu().contiguous()
                    for k, v in self.policy.state_dict().items()}
         optimizer = self.optimizer.state_dict()
@@ -617,10 +640,15 @@ class GRPOTrainer:
             "numpy_rng": self.rng.bit_generator.state,
             "questions": self.questions,
             "filter": self.filter_stats,
+            "best": self.best,
         }
-        return tensors, meta
+        tensors.update({f"best.{k}": v.detach().cpu().contiguous()
+                        for k, v in self.best_weights.items()})
+        cache = self.reward_model.cache
+        return Checkpoint(tensors, meta, list(cache.items()) if cache is not None else [])
 
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def load_state(self, state: Checkpoint) -> None:
+        tensors, meta = state.tensors, state.meta
         self.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items()
                                      if k.startswith("policy.")})
         if self.reference is not None:
@@ -629,13 +657,14 @@ class GRPOTrainer:
             if not saved:
                 raise ValueError("the checkpoint holds no reference policy for the KL penalty")
             self.reference.load_state_dict(saved)
-        state: dict[int, dict[str, torch.Tensor]] = {}
+        moments: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value.to(self.corpus.device) \
+                moments.setdefault(int(index), {})[name] = value.to(self.corpus.device) \
                     if name != "step" else value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
+        self.optimizer.load_state_dict({"state": moments,
+                                        "param_groups": meta["optimizer_groups"]})
         own = "generator" if self.rank == 0 else f"generator.rank{self.rank}"
         if own in tensors:  # (a rank the saved run did not have keeps its fresh generator)
             self.generator.set_state(tensors[own])
@@ -643,3 +672,8 @@ class GRPOTrainer:
         self.step_count = int(meta["step"])
         self.questions = list(meta["questions"])
         self.filter_stats = dict(meta.get("filter", {}))
+        best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+        if "best" in meta and best:
+            self.best, self.best_weights = dict(meta["best"]), best
+        if self.reward_model.cache is not None:
+            self.reward_model.cache.margins.update(state.cache)

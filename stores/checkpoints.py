@@ -47,14 +47,20 @@ def save_model(folder: str | os.PathLike[str], kind: str, config: dict[str, Any]
                state_dict: dict[str, torch.Tensor], **extra: Any) -> Path:
     """Write a model into ``folder`` (an output folder of ``kind``, made or reused through
     :func:`stores.owned.claim`), touching nothing beside it."""
-    owned = claim(folder, kind)
+    write_model(claim(folder, kind), kind, config, state_dict, **extra)
+    return Path(folder)
+
+
+def write_model(owned: Owned, kind: str, config: dict[str, Any],
+                state_dict: dict[str, torch.Tensor], **extra: Any) -> None:
+    """Write a model's ``config.json`` and weights into a folder refocus owns, of any kind
+    (a training run's folder holds its best policy this way)."""
     weights, meta = owned.path / (WEIGHTS + TMP), owned.path / (CONFIG + TMP)
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, weights)
     meta.write_text(json.dumps({"kind": kind, "config": config, **extra}, indent=1))
     owned.remove(CONFIG)  # from here until the last rename the folder holds no complete model
     os.replace(weights, owned.path / WEIGHTS)
     os.replace(meta, owned.path / CONFIG)
-    return Path(folder)
 
 
 def load_model(folder: str | os.PathLike[str], kind: str,
@@ -101,9 +107,10 @@ def save_checkpoint(run: Owned, tensors: dict[str, torch.Tensor], meta: dict[str
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: tensors, state.json, reward-cache entries, the copy it came from
-    (``checkpoint``, ``checkpoint.tmp`` or ``checkpoint.old``) and the copies skipped as
-    damaged (one line each)."""
+    """A checkpoint: tensors, state.json, reward-cache entries (what ``GRPOTrainer.state()``
+    returns, whole); when loaded, also the copy it came from (``checkpoint``,
+    ``checkpoint.tmp`` or ``checkpoint.old``) and the copies skipped as damaged (one line
+    each)."""
 
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]

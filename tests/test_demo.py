@@ -70,7 +70,7 @@ def test_demo_writes_a_cross_judged_report_that_matches_the_evaluation(tmp_path)
     # a re-run resumes: nothing is generated, ingested, embedded or trained again
     weights = [tmp_path / "reader" / "weights.safetensors",
                tmp_path / "distilled" / "weights.safetensors",
-               *(tmp_path / p / "policy" / "weights.safetensors" for p in POLICIES)]
+               *(tmp_path / p / "weights.safetensors" for p in POLICIES)]
     stamps = [w.stat().st_mtime_ns for w in weights]
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0  # the CLI's --quick = QUICK
     again = json.loads((report / "summary.json").read_text())

@@ -290,7 +290,7 @@ def test_the_train_command_under_torchrun(toy_run, tmp_path):
     state = load_file(run / "checkpoint" / "state.safetensors")
     assert {"generator", "generator.rank1"} <= state.keys()
     assert json.loads((run / "summary.json").read_text())["finished"]
-    assert (run / "policy" / "weights.safetensors").is_file()
+    assert (run / "weights.safetensors").is_file()  # the best policy
 
 
 if __name__ == "__main__":  # one process of test_the_train_command_under_torchrun

@@ -256,7 +256,7 @@ def test_train_and_evaluate_flows_match_the_plain_stages(prefect_api, synth_stor
     plain = train_policy_stage(store, None, f"reader:{tmp_path / 'plain' / 'reader'}",
                                tmp_path / "plain" / "policy", grpo, run)
     assert summary["policy"]["steps"] == plain["steps"] == 3
-    for part in ("reader/weights.safetensors", "policy/policy/weights.safetensors"):
+    for part in ("reader/weights.safetensors", "policy/weights.safetensors"):
         a, b = load_file(tmp_path / "flow" / part), load_file(tmp_path / "plain" / part)
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), part
     reward = f"reader:{tmp_path / 'flow' / 'reader'}"

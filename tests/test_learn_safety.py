@@ -200,13 +200,12 @@ from pipelines.learn import RunSettings, train_policy_stage
 from refocus.settings import GRPOSettings
 store, reward, out, point, settings, run = sys.argv[1:7]
 if point == "after-policy":  # SIGKILL right after the best policy is saved
-    save = checkpoints.save_model
-    def save_then_die(folder, *args, **kwargs):
-        saved = save(folder, *args, **kwargs)
-        if Path(folder).name == "policy":
+    write = checkpoints.write_model
+    def write_then_die(owned, *args, **kwargs):
+        write(owned, *args, **kwargs)
+        if owned.path == Path(out).resolve():  # the run folder: its best policy
             os.kill(os.getpid(), signal.SIGKILL)
-        return saved
-    checkpoints.save_model = save_then_die
+    checkpoints.write_model = write_then_die
 else:  # SIGKILL after checkpoint/ became checkpoint.old, before the new one is renamed in
     replace = os.replace
     def replace_then_die(src, dst, *args, **kwargs):
@@ -229,7 +228,7 @@ def killed_run(toy, out: Path, point: str) -> None:
 
 def assert_final_outputs_match_the_checkpoint(run: Path) -> None:
     state = load_file(run / "checkpoint" / "state.safetensors")
-    for folder, prefix in (("policy", "best."), ("policy-last", "policy.")):
+    for folder, prefix in ((".", "best."), ("policy-last", "policy.")):
         weights = load_policy(run / folder).state_dict()
         assert weights.keys() == {k[len(prefix):] for k in state if k.startswith(prefix)}
         for key, value in weights.items():
@@ -242,7 +241,7 @@ def assert_final_outputs_match_the_checkpoint(run: Path) -> None:
 def test_a_run_killed_right_after_its_policy_writes_the_rest_when_re_run(toy, tmp_path):
     run = tmp_path / "run"
     killed_run(toy, run, "after-policy")
-    assert (run / "policy" / "config.json").is_file()
+    assert (run / "config.json").is_file()
     assert not (run / "policy-last").exists() and not (run / "training.png").exists()
     assert not (run / "complete.json").exists()
     store, reward = toy
@@ -321,7 +320,7 @@ def test_a_policy_carries_its_encoder_and_candidates_to_another_machine(toy, tmp
     shutil.rmtree(moved_store)  # the training store is not where run.json says
     elsewhere = tmp_path / "elsewhere" / "run"
     shutil.copytree(run, elsewhere)
-    for path in (elsewhere, elsewhere / "policy"):
+    for path in (elsewhere, elsewhere / "policy-last"):
         policy = find_policy(path)
         expected = IngestSettings(decode=DecodeSettings(fps=2.0, max_frames=64, size=96),
                                   jpeg_quality=80, shard_size=5, workers=3)

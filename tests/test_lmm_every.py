@@ -117,12 +117,12 @@ def test_lmm_every_makes_fewer_lmm_calls_and_counts_them_as_the_model_ran_them(r
 def test_the_run_and_its_policy_record_both_models(runs, lmm, surrogate):
     folder = runs["every3"]["folder"]
     run = json.loads((folder / "run.json").read_text())
-    policy = json.loads((folder / "policy" / "config.json").read_text())
+    policy = json.loads((folder / "config.json").read_text())
     for record in (run, policy):
         assert record["reward"].startswith(lmm + ":")
         assert record["surrogate"].startswith("reader:") and record["lmm_every"] == 3
         assert record["settings"]["lmm_every"] == 3
-    alone = json.loads((runs["alone"]["folder"] / "policy" / "config.json").read_text())
+    alone = json.loads((runs["alone"]["folder"] / "config.json").read_text())
     assert "surrogate" not in alone and alone["reward"] == policy["reward"]
 
 

@@ -25,6 +25,7 @@ from refocus.trainer import (
     group_advantages,
     objective,
 )
+from stores.checkpoints import Checkpoint
 
 TINY = PolicyConfig(dim=DIM, hidden=16)
 SMALL = dict(steps=6, questions_per_step=8, group=4, budgets=(2, 3), warmup=2)
@@ -391,7 +392,8 @@ def test_a_batch_of_flat_groups_dropped_takes_no_step():
 
 def round_trip(trainer: GRPOTrainer, folder) -> tuple[dict, dict]:  # noqa: ANN001
     """The trainer's state through files, as a checkpoint keeps it."""
-    tensors, meta = trainer.state()
+    state = trainer.state()
+    tensors, meta = state.tensors, state.meta
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
     (folder / "state.json").write_text(json.dumps(meta))
     return load_file(folder / "state.safetensors"), json.loads((folder / "state.json").read_text())
@@ -413,14 +415,14 @@ def test_resume_with_a_kl_reference_equals_the_uninterrupted_run(tmp_path):
     with torch.no_grad():  # a reference that differs until the checkpoint restores it
         for p in resumed.reference.parameters():
             p.add_(1.0)
-    resumed.load_state(tensors, meta)
+    resumed.load_state(Checkpoint(tensors, meta, []))
     later = [resumed.step() for _ in range(2)]
     assert_equal(weights(straight), weights(resumed))
     assert_equal(straight.reference.state_dict(), resumed.reference.state_dict())
     drop = {"seconds", "sample_seconds", "reward_seconds", "update_seconds"}
     as_row = lambda m: {k: v for k, v in vars(m).items() if k not in drop}  # noqa: E731
     assert [as_row(m) for m in rows[2:]] == [as_row(m) for m in later]
-    assert not any(k.startswith("reference.") for k in tiny_trainer().state()[0])
+    assert not any(k.startswith("reference.") for k in tiny_trainer().state().tensors)
 
 
 def test_a_run_written_before_these_settings_resumes_at_their_defaults():

@@ -17,16 +17,17 @@ import webdataset as wds
 from flows.cli import main
 from flows.orchestrate import score_flow, with_runner
 from flows.runtime import Orchestration
+from pipelines.corpus import load_corpus
 from pipelines.embed import EmbedSettings, embed
 from pipelines.encoder import SYNTH_ENCODER, load_encoder
 from pipelines.ingest import IngestSettings, ingest
-from pipelines.learn import load_corpus, load_policy
+from pipelines.policies import load_policy
 from pipelines.score import ScoreSettings, score
 from pipelines.synth import SynthSettings, generate
 from refocus.policy import FrameSelector, PolicyConfig
 from refocus.selectors import Learned
-from stores import checkpoints
 from stores.manifest import read_manifest
+from stores.runs import RunFolder
 from stores.selections import read_selections
 
 K = 4
@@ -42,14 +43,12 @@ def policy(tmp_path_factory) -> Path:
            IngestSettings(workers=1))
     embed(root / "shards", root / "features", load_encoder(SYNTH_ENCODER),
           EmbedSettings(workers=0, index=None))
-    run = root / "run"
-    run.mkdir()
-    (run / "run.json").write_text(json.dumps({"store": str(root / "features")}))
+    run = RunFolder.claim(root / "run")
+    run.write_identity({"store": str(root / "features")})
     torch.manual_seed(0)
     config = PolicyConfig(dim=64, hidden=32)
-    checkpoints.save_model(run / "policy", "policy", config.as_dict(),
-                           FrameSelector(config).state_dict())
-    return run
+    run.write_policy(config.as_dict(), FrameSelector(config).state_dict())
+    return run.path
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +132,7 @@ def test_webdataset_export_holds_the_shard_jpegs(scored):
 
 def test_jpeg_export_and_rerun_reuse_ingest_and_embed(scored, policy, fresh, capsys):
     out, _ = scored
-    code = main(["score", str(fresh), "--policy", str(policy / "policy"), "--k", str(K),
+    code = main(["score", str(fresh), "--policy", str(policy / "policy"), "--k", str(K),  # old path
                  "--out", str(out), "--export", "jpeg", "--workers", "1",
                  "--embed-workers", "0"])
     assert code == 1  # the missing video

@@ -1,7 +1,6 @@
 """GRPO runs: exact resume, safe checkpoints, the data filter, records and plots."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from refocus.selectors import uniform_indices
 from refocus.settings import GRPOSettings, ReaderTrainSettings
 from refocus.trainer import GRPOTrainer, window_filter
 from stores.errors import UserError
+from stores.runs import RunFolder
 
 SETTINGS = GRPOSettings(steps=6, questions_per_step=8, group=4, budgets=(2, 3), warmup=2)
 RUN = RunSettings(eval_every=2, checkpoint_every=2, hidden=32)
@@ -48,7 +48,7 @@ def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, synth_store, rea
     assert straight["finished"] and straight["steps"] == 6
     first = train_policy_stage(store, None, reward, tmp_path / "b", SETTINGS, RUN, stop_after=3)
     assert not first["finished"] and first["steps"] == 3
-    assert not (tmp_path / "b" / "policy").exists()
+    assert not (tmp_path / "b" / "config.json").exists()  # no policy before the end
     second = train_policy_stage(store, None, reward, tmp_path / "b", SETTINGS, RUN)
     assert second["finished"] and second["steps"] == 6
     a = load_file(tmp_path / "a" / "checkpoint" / "state.safetensors")
@@ -58,7 +58,7 @@ def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, synth_store, rea
         assert torch.equal(a[key], b[key]), key
     assert run_rows(tmp_path / "a") == run_rows(tmp_path / "b")
     assert second["best"] == straight["best"]
-    for name in ("policy", "policy-last"):
+    for name in (".", "policy-last"):
         pa, pb = load_policy(tmp_path / "a" / name), load_policy(tmp_path / "b" / name)
         for (ka, va), (kb, vb) in zip(pa.state_dict().items(), pb.state_dict().items(),
                                       strict=True):
@@ -72,8 +72,8 @@ def test_runs_keep_records_and_nothing_needs_pickle(tmp_path, synth_store, reade
     files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
     assert {"run.json", "metrics.jsonl", "summary.json", "training.png",
             "checkpoint/state.safetensors", "checkpoint/state.json",
-            "checkpoint/reward_cache.jsonl", "policy/config.json",
-            "policy/weights.safetensors"} <= files
+            "checkpoint/reward_cache.jsonl", "config.json", "weights.safetensors",
+            "policy-last/config.json", "policy-last/weights.safetensors"} <= files
     locks = {f for f in files if f.startswith(".locks/")}  # the run's lock: an empty file
     assert locks == {".locks/run.lock"} and (run / ".locks" / "run.lock").stat().st_size == 0
     assert all(Path(f).suffix in {".json", ".jsonl", ".safetensors", ".png"}
@@ -209,7 +209,7 @@ def test_the_trainer_filters_on_the_margin_and_keeps_its_statistics():
     variances = [np.var(np.array([values[q][f] for f in middles], dtype=np.float32)
                         .astype(np.float64)) for q in questions[1:]]
     assert trainer.questions == [1, 2, 3]
-    stats = trainer.state()[1]["filter"]
+    stats = trainer.state().meta["filter"]
     assert stats["statistic"] == "margin" and stats["before"] == 5 and stats["after"] == 3
     assert stats["mean_variance"] == pytest.approx(np.mean(variances), rel=1e-6)
     assert stats["threshold"] == 0.2 and stats["windows"] == 4
@@ -236,7 +236,7 @@ def test_score_defaults_to_the_largest_budget_the_policy_trained_on(tmp_path, sy
     train_policy_stage(synth_store / "features", None, f"reader:{reader_dir}", run, SETTINGS,
                        RUN)
     assert ScoreSettings().k is None  # not a fixed k the policy may never have trained on
-    for path in (run, run / "policy"):
+    for path in (run, run / "policy", run / "policy-last"):  # run/policy: the old path
         policy = find_policy(path)
         assert policy.budgets == SETTINGS.budgets
         k = with_trained_k(ScoreSettings(), policy).k
@@ -245,12 +245,9 @@ def test_score_defaults_to_the_largest_budget_the_policy_trained_on(tmp_path, sy
     parsed = build_parser().parse_args(["score", "m.jsonl", "--policy", str(run), "--out",
                                         str(tmp_path / "s")])
     assert parsed.k is None
-    bare = tmp_path / "bare"  # a policy folder whose run records no settings
-    bare.mkdir()
-    (bare / "run.json").write_text(json.dumps({"store": str(synth_store / "features")}))
-    shutil.copytree(run / "policy", bare / "policy")
-    config = json.loads((bare / "policy" / "config.json").read_text())
-    config.pop("settings")
-    (bare / "policy" / "config.json").write_text(json.dumps(config))
+    bare = RunFolder.claim(tmp_path / "bare")  # a policy whose run records no settings
+    bare.write_identity({"store": str(synth_store / "features")})
+    trained = load_policy(run)
+    bare.write_policy(trained.config.as_dict(), trained.state_dict())
     with pytest.raises(UserError, match="--k"):
         with_trained_k(ScoreSettings(), find_policy(bare))

@@ -272,6 +272,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from pipelines.learn import RunSettings, train_policy_stage
     from refocus.settings import GRPOSettings
     from refocus.trainer import DistEnv
+    from stores.runs import CURVES, LAST
 
     if (args.lmm_every is None) != (args.surrogate is None):
         given, missing = ("--lmm-every", "--surrogate SPEC") if args.surrogate is None else (
@@ -334,7 +335,8 @@ def _run_train(args: argparse.Namespace) -> int:
                      if "surrogate" in summary else "")
         out.print(f"  reward model asked {calls['reward_subsets']} subsets in "
                   f"{calls['reward_forwards']} forwards (validation included){surrogate}")
-    out.print(f"  policy {Path(args.out) / 'policy'}, curves {Path(args.out) / 'training.png'}")
+    out.print(f"  policy {args.out} (the best; the last: {Path(args.out) / LAST}), curves "
+              f"{Path(args.out) / CURVES}")
     return EXIT_OK
 
 
