@@ -17,9 +17,7 @@ import webdataset as wds
 from flows.cli import main
 from flows.orchestrate import score_flow, with_runner
 from flows.runtime import Orchestration
-from pipelines.embed import EmbedSettings, embed
-from pipelines.encoder import SYNTH_ENCODER, load_encoder
-from pipelines.ingest import IngestSettings, ingest
+from pipelines.embed import EmbedSettings
 from pipelines.learn import load_corpus, load_policy
 from pipelines.score import ScoreSettings, score
 from pipelines.synth import SynthSettings, generate
@@ -33,18 +31,13 @@ K = 4
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> Path:
-    """A run folder as refocus train leaves it: run.json naming its training store, and the
-    policy model folder (untrained weights: what is tested is the plumbing around it)."""
-    root = tmp_path_factory.mktemp("trained")
-    generate(root / "corpus", SynthSettings(videos=3, seed=1, workers=1))
-    ingest(read_manifest(root / "corpus" / "manifest.jsonl"), root / "shards",
-           IngestSettings(workers=1))
-    embed(root / "shards", root / "features", load_encoder(SYNTH_ENCODER),
-          EmbedSettings(workers=0, index=None))
-    run = root / "run"
+def policy(synth_store, tmp_path_factory) -> Path:
+    """A run folder as refocus train leaves it: run.json naming its training store (the
+    session's), and the policy model folder (untrained weights: what is tested is the
+    plumbing around it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"store": str(root / "features")}))
+    (run / "run.json").write_text(json.dumps({"store": str(synth_store / "features")}))
     torch.manual_seed(0)
     config = PolicyConfig(dim=64, hidden=32)
     checkpoints.save_model(run / "policy", "policy", config.as_dict(),
