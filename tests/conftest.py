@@ -277,7 +277,10 @@ def synth_chain(tmp_path_factory) -> Callable[[SynthChain], Path]:
     return get
 
 
-TRAINING_STORE = SynthChain(videos=48, seed=11)
+TRAINING_STORE = SynthChain(videos=48, seed=11)  # synth_store: what the learning tests train on
+# four short videos of a seed neither the demo nor train-vlm uses: test_vlm's fresh corpus,
+# and the training store a test_score policy names
+SMALL_STORE = SynthChain(videos=4, seed=97, duration=(13.0, 14.0))
 
 
 @pytest.fixture(scope="session")
@@ -296,6 +299,13 @@ def prefect_api() -> str:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield PREFECT_API_URL.value()
+
+
+def pytest_itemcollected(item) -> None:
+    """Every test on the Prefect test server is ``slow`` (make test-fast leaves it out); other
+    slow tests carry ``@pytest.mark.slow`` themselves."""
+    if "prefect_api" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.slow)
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

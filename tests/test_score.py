@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from conftest import SMALL_STORE
 
 from flows.cli import main
 from flows.orchestrate import score_flow, with_runner
@@ -31,13 +32,12 @@ K = 4
 
 
 @pytest.fixture(scope="module")
-def policy(synth_store, tmp_path_factory) -> Path:
-    """A run folder as refocus train leaves it: run.json naming its training store (the
-    session's), and the policy model folder (untrained weights: what is tested is the
-    plumbing around it)."""
+def policy(synth_chain, tmp_path_factory) -> Path:
+    """A run folder as refocus train leaves it: run.json naming its training store, and the
+    policy model folder (untrained weights: what is tested is the plumbing around it)."""
     run = tmp_path_factory.mktemp("trained") / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"store": str(synth_store / "features")}))
+    (run / "run.json").write_text(json.dumps({"store": str(synth_chain(SMALL_STORE) / "features")}))
     torch.manual_seed(0)
     config = PolicyConfig(dim=64, hidden=32)
     checkpoints.save_model(run / "policy", "policy", config.as_dict(),
