@@ -152,6 +152,7 @@ def _children(parent: int) -> dict[int, str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_flow_leaves_no_prefect_server_behind(corpus, tmp_path):
     """``refocus flow preprocess`` without PREFECT_API_URL runs Prefect's temporary API
     server; kill -9 of the flow's process takes that server with it."""

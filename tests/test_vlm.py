@@ -127,6 +127,7 @@ def test_the_asset_answers_fresh_questions_from_their_evidence_frames(fresh):
     assert scores["uniform4"]["accuracy"] <= evidence["accuracy"] - 0.2
 
 
+@pytest.mark.slow
 def test_train_vlm_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
