@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -224,24 +225,69 @@ def sample_shards(tmp_path_factory, shared_data) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def synth_store(tmp_path_factory) -> Path:
-    """A small synthetic corpus, ingested and embedded with the bundled encoder; returns the
-    folder holding corpus/, shards/ and features/."""
+@dataclass(frozen=True)
+class SynthChain:
+    """A synthetic corpus taken through synth → ingest → embed (the one way tests make one):
+    ``corpus/`` (manifest.jsonl and videos), ``shards/`` and, unless ``embed_workers`` is
+    None, ``features/`` (the bundled synth encoder, with the questions). Settings left None
+    are the stages' defaults."""
+
+    videos: int
+    seed: int
+    duration: tuple[float, float] | None = None
+    shard_size: int | None = None
+    ingest_workers: int = 2
+    embed_workers: int | None = 1  # None: stop after ingest
+    index: bool = False  # build the FAISS index too
+
+
+def build_synth_chain(root: Path, chain: SynthChain) -> Path:
     from pipelines.embed import EmbedSettings, embed
     from pipelines.encoder import SYNTH_ENCODER, load_encoder
     from pipelines.ingest import IngestSettings, ingest
     from pipelines.synth import SynthSettings, generate
     from stores.manifest import read_manifest
 
-    root = tmp_path_factory.mktemp("synth-store")
-    generate(root / "corpus", SynthSettings(videos=48, seed=11, workers=2))
+    def given(**settings):  # the settings a chain names; the rest are the stages' defaults
+        return {k: v for k, v in settings.items() if v is not None}
+
+    generate(root / "corpus", SynthSettings(videos=chain.videos, seed=chain.seed, workers=2,
+                                            **given(duration=chain.duration)))
     ingest(read_manifest(root / "corpus" / "manifest.jsonl"), root / "shards",
-           IngestSettings(workers=2))
-    embed(root / "shards", root / "features", load_encoder(SYNTH_ENCODER),
-          EmbedSettings(workers=1, index=None),
-          questions=read_manifest(root / "shards" / "manifest.jsonl"))
+           IngestSettings(workers=chain.ingest_workers, **given(shard_size=chain.shard_size)))
+    if chain.embed_workers is not None:
+        embed(root / "shards", root / "features", load_encoder(SYNTH_ENCODER),
+              EmbedSettings(workers=chain.embed_workers, **({} if chain.index else
+                                                            {"index": None})),
+              questions=read_manifest(root / "shards" / "manifest.jsonl"))
     return root
+
+
+@pytest.fixture(scope="session")
+def synth_chain(tmp_path_factory) -> Callable[[SynthChain], Path]:
+    """``synth_chain(SynthChain(...))``: the folder of that chain, built once per session
+    (tests only read it)."""
+    built: dict[SynthChain, Path] = {}
+
+    def get(chain: SynthChain) -> Path:
+        if chain not in built:
+            built[chain] = build_synth_chain(tmp_path_factory.mktemp("synth-chain"), chain)
+        return built[chain]
+
+    return get
+
+
+TRAINING_STORE = SynthChain(videos=48, seed=11)  # synth_store: what the learning tests train on
+# four short videos of a seed neither the demo nor train-vlm uses: test_vlm's fresh corpus,
+# and the training store a test_score policy names
+SMALL_STORE = SynthChain(videos=4, seed=97, duration=(13.0, 14.0))
+
+
+@pytest.fixture(scope="session")
+def synth_store(synth_chain) -> Path:
+    """The session's small training corpus, ingested and embedded with the bundled encoder;
+    returns the folder holding corpus/, shards/ and features/."""
+    return synth_chain(TRAINING_STORE)
 
 
 @pytest.fixture(scope="session")
@@ -253,6 +299,13 @@ def prefect_api() -> str:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield PREFECT_API_URL.value()
+
+
+def pytest_itemcollected(item) -> None:
+    """Every test on the Prefect test server is ``slow`` (make test-fast leaves it out); other
+    slow tests carry ``@pytest.mark.slow`` themselves."""
+    if "prefect_api" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.slow)
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

@@ -9,6 +9,8 @@ import csv
 import json
 import re
 
+import pytest
+
 from flows.cli import main
 from pipelines.demo import POLICIES, QUICK, STAGES, run_demo
 from stores.selections import read_selections
@@ -22,6 +24,7 @@ def _eval_rows(root) -> dict[tuple[str, str], float]:
                 if r["category"] == "all" and r["k"] == "4"}
 
 
+@pytest.mark.slow
 def test_demo_writes_a_cross_judged_report_that_matches_the_evaluation(tmp_path):
     said: list[str] = []
     summary = run_demo(tmp_path, QUICK, say=said.append)

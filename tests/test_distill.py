@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from test_margins import small_qa
 
@@ -26,6 +27,7 @@ def held_out_error(reader, corpus, data) -> float:  # noqa: ANN001
     return float((margins(logits, corpus.answer[q]) - data.margin[rows]).abs().mean())
 
 
+@pytest.mark.slow
 def test_distillation_lowers_the_margin_error_on_held_out_lmm_margins(
         tiny_lmms, synth_store, tmp_path, capsys):
     qa = small_qa(synth_store, tmp_path, 12, 4)
@@ -66,6 +68,7 @@ def test_distillation_lowers_the_margin_error_on_held_out_lmm_margins(
     assert len(err.splitlines()) == 1 and not (other / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_the_generic_reader_learns_the_answers_and_reloads(synth_store, tmp_path):
     store = str(synth_store / "features")
     out = tmp_path / "generic"

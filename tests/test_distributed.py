@@ -164,6 +164,7 @@ def _trainer_rank(rank: int, port: int, store: str, reward: str, out: str) -> No
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_split_the_batch_average_gradients_and_keep_identical_weights(toy_run, tmp_path):
     from pipelines.learn import load_corpus, reference
     from refocus.policy import PolicyConfig
@@ -235,6 +236,7 @@ def _stage_rank(rank: int, ports: list[int], store: str, reward: str, root: str)
     (Path(root) / f"record-rank{rank}.json").write_text(json.dumps(record))
 
 
+@pytest.mark.slow
 def test_rank_0_alone_writes_and_a_stopped_run_resumes_exactly(toy_run, tmp_path):
     from pipelines.learn import load_policy
 
@@ -266,6 +268,7 @@ def test_rank_0_alone_writes_and_a_stopped_run_resumes_exactly(toy_run, tmp_path
 
 # ----------------------------------------------------------------------------- the command
 
+@pytest.mark.slow
 def test_the_train_command_under_torchrun(toy_run, tmp_path):
     """`torchrun --nproc-per-node 2 -m flows.cli train ...`, each process run through this
     file (below) so that it notes what it writes."""

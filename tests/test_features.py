@@ -250,6 +250,7 @@ def store_arrays(out: Path) -> dict[str, np.ndarray]:
              "videos/duration", "videos/id")}
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, kill_shards, tiny_clip):
     reference = tmp_path / "reference"  # uninterrupted, in this process, same settings
     encoder = load_encoder(str(tiny_clip[0]), str(tiny_clip[1]))

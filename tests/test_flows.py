@@ -16,19 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import _live_members, kill_parent_and_wait_for_workers
+from conftest import SynthChain, _live_members, kill_parent_and_wait_for_workers
 
 from flows import orchestrate
 from flows.cli import main
 from flows.orchestrate import preprocess_flow, with_runner
 from flows.runtime import Orchestration, is_transient
 from pipelines import ingest as ingest_module
-from pipelines.embed import EmbedSettings, embed
-from pipelines.encoder import SYNTH_ENCODER, load_encoder
-from pipelines.ingest import IngestSettings, ingest
-from pipelines.synth import SynthSettings, generate
+from pipelines.ingest import IngestSettings
 from stores.errors import UserError
-from stores.manifest import read_manifest
 
 REFOCUS = str(Path(sys.executable).parent / "refocus")
 VIDEOS = 8
@@ -37,22 +33,20 @@ ARRAYS = ["frames/embedding", "frames/time", "frames/video", "videos/offsets",
           "videos/duration", "questions/embedding", "questions/answer", "options/embedding"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("flow-corpus")
-    generate(out, SynthSettings(videos=VIDEOS, seed=5, duration=(16.0, 18.0), workers=2))
-    return out / "manifest.jsonl"
+# a shard per video; the plain stages' output is the flows' oracle
+FLOW_CHAIN = SynthChain(videos=VIDEOS, seed=5, duration=(16.0, 18.0), shard_size=SHARD_SIZE,
+                        ingest_workers=1, embed_workers=0, index=True)
 
 
 @pytest.fixture(scope="module")
-def plain(corpus, tmp_path_factory) -> Path:
+def corpus(synth_chain) -> Path:
+    return synth_chain(FLOW_CHAIN) / "corpus" / "manifest.jsonl"
+
+
+@pytest.fixture(scope="module")
+def plain(synth_chain) -> Path:
     """The oracle: the plain stages, no Prefect."""
-    root = tmp_path_factory.mktemp("plain")
-    ingest(read_manifest(corpus), root / "shards", IngestSettings(shard_size=SHARD_SIZE,
-                                                                  workers=1))
-    embed(root / "shards", root / "features", load_encoder(SYNTH_ENCODER),
-          EmbedSettings(workers=0), questions=read_manifest(root / "shards" / "manifest.jsonl"))
-    return root
+    return synth_chain(FLOW_CHAIN)
 
 
 def _flow(corpus: Path, root: Path, o: Orchestration = Orchestration(workers=2)) -> dict:
@@ -159,6 +153,7 @@ def _children(parent: int) -> dict[int, str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_flow_leaves_no_prefect_server_behind(corpus, tmp_path):
     """``refocus flow preprocess`` without PREFECT_API_URL runs Prefect's temporary API
     server; kill -9 of the flow's process takes that server with it."""

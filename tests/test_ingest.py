@@ -238,6 +238,7 @@ def shard_contents(out: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, videos):
     corpus = kill_corpus(tmp_path, videos)
     reference = tmp_path / "reference"

@@ -155,6 +155,7 @@ def reader_on_every_frame(store: str, reader: Path) -> float:
     return float(np.mean(right))
 
 
+@pytest.mark.slow
 def test_eval_with_two_judges_names_the_reward_model_and_marks_self_judging(
         synth_store, trained, tmp_path, capsys):
     reader, run = trained
@@ -241,6 +242,7 @@ def test_bad_judges_are_one_line(synth_store, tmp_path, capsys):
         in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_tiny_lmm_judges_beside_the_ideal_observer(synth_store, tmp_path, monkeypatch):
     from tiny_lmm import build_qwen2_vl
 

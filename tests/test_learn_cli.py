@@ -2,11 +2,13 @@
 
 import csv
 
+import pytest
 from PIL import Image
 
 from flows.cli import EXIT_OK, EXIT_USAGE, main
 
 
+@pytest.mark.slow
 def test_train_reader_train_and_eval_from_the_command_line(synth_store, tmp_path, capsys):
     store = str(synth_store / "features")
     reader, run, report = tmp_path / "reader", tmp_path / "run", tmp_path / "eval"

@@ -164,6 +164,7 @@ def test_out_folders_that_are_not_refocus_own_are_refused_and_left_alone(toy, tm
     assert snapshot(mine) == before and snapshot(store) == store_before
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(toy, tmp_path):
     store, reward = toy
     run = tmp_path / "run"
@@ -238,6 +239,7 @@ def assert_final_outputs_match_the_checkpoint(run: Path) -> None:
     assert complete["steps"] == SETTINGS.steps
 
 
+@pytest.mark.slow
 def test_a_run_killed_right_after_its_policy_writes_the_rest_when_re_run(toy, tmp_path):
     run = tmp_path / "run"
     killed_run(toy, run, "after-policy")
@@ -260,6 +262,7 @@ def test_missing_final_outputs_of_a_finished_run_come_back(toy, tmp_path):
     assert_final_outputs_match_the_checkpoint(run)
 
 
+@pytest.mark.slow
 def test_a_kill_between_checkpoint_renames_resumes_from_the_complete_copy(toy, tmp_path):
     store, reward = toy
     straight = tmp_path / "straight"

@@ -241,6 +241,7 @@ def test_precomputed_features_score_like_features_from_the_shards(
         StoreFrames(ReferenceStore(out), scorers[other])
 
 
+@pytest.mark.slow
 def test_training_with_lmm_rewards(tiny_lmms, synth_store, tmp_path):
     """The LMM through the same reward interface as the reader: a short GRPO run, and its
     rewards equal the scorer's margins computed by hand."""

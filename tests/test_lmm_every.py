@@ -92,6 +92,7 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_lmm_every_makes_fewer_lmm_calls_and_counts_them_as_the_model_ran_them(runs):
     alone, online = runs["alone"], runs["every3"]
     assert 0 < online["subsets"] < alone["subsets"]
@@ -114,6 +115,7 @@ def test_lmm_every_makes_fewer_lmm_calls_and_counts_them_as_the_model_ran_them(r
     assert len(cache) == train["reward_subsets"]
 
 
+@pytest.mark.slow
 def test_the_run_and_its_policy_record_both_models(runs, lmm, surrogate):
     folder = runs["every3"]["folder"]
     run = json.loads((folder / "run.json").read_text())
@@ -126,6 +128,7 @@ def test_the_run_and_its_policy_record_both_models(runs, lmm, surrogate):
     assert "surrogate" not in alone and alone["reward"] == policy["reward"]
 
 
+@pytest.mark.slow
 def test_lmm_every_1_trains_exactly_as_the_lmm_alone(runs):
     strip = lambda folder: [{k: v for k, v in row.items() if not k.endswith("seconds")}  # noqa: E731
                             for row in metrics(folder)]
@@ -136,6 +139,7 @@ def test_lmm_every_1_trains_exactly_as_the_lmm_alone(runs):
     assert runs["every1"]["subsets"] == runs["alone"]["subsets"]
 
 
+@pytest.mark.slow
 def test_a_surrogate_step_takes_the_lmms_cached_value_and_never_asks_it(
         synth_store, lmm, surrogate, monkeypatch):
     corpus = load_corpus(synth_store / "features", None)

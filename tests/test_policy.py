@@ -221,6 +221,7 @@ def follows_the_question(probabilities: np.ndarray) -> bool:
     return bool(np.mean(probabilities.min(axis=1) > 0.5) >= 0.8)
 
 
+@pytest.mark.slow
 def test_the_question_changes_which_frame_is_picked(trained):
     policy, corpus, targets, before = trained
     after = asked_frame_probabilities(policy, corpus, targets)
@@ -231,6 +232,7 @@ def test_the_question_changes_which_frame_is_picked(trained):
     assert not follows_the_question(asked_frame_probabilities(blind, corpus, targets))
 
 
+@pytest.mark.slow
 def test_grpo_learns_to_pick_the_frame_the_question_asks_for(trained):
     policy, corpus, targets, _ = trained
     val = corpus.rows("val")

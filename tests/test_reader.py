@@ -64,6 +64,7 @@ def test_the_cache_scores_each_subset_once_and_gives_the_same_margins(synth_stor
         RewardModel(reference, RewardCache("reader:other"))
 
 
+@pytest.mark.slow
 def test_a_trained_reader_needs_the_evidence(synth_store):
     corpus = load_corpus(synth_store / "features", None)
     reader = train_reader(corpus, ReaderTrainSettings(steps=800))

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from conftest import SMALL_STORE
 
 from flows.cli import main
 from flows.orchestrate import score_flow, with_runner
 from flows.runtime import Orchestration
 from pipelines.corpus import load_corpus
-from pipelines.embed import EmbedSettings, embed
-from pipelines.encoder import SYNTH_ENCODER, load_encoder
-from pipelines.ingest import IngestSettings, ingest
+from pipelines.embed import EmbedSettings
 from pipelines.policies import load_policy
 from pipelines.score import ScoreSettings, score
 from pipelines.synth import SynthSettings, generate
@@ -34,17 +33,12 @@ K = 4
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> Path:
+def policy(synth_chain, tmp_path_factory) -> Path:
     """A run folder as refocus train leaves it: run.json naming its training store, and the
     policy model folder (untrained weights: what is tested is the plumbing around it)."""
     root = tmp_path_factory.mktemp("trained")
-    generate(root / "corpus", SynthSettings(videos=3, seed=1, workers=1))
-    ingest(read_manifest(root / "corpus" / "manifest.jsonl"), root / "shards",
-           IngestSettings(workers=1))
-    embed(root / "shards", root / "features", load_encoder(SYNTH_ENCODER),
-          EmbedSettings(workers=0, index=None))
     run = RunFolder.claim(root / "run")
-    run.write_identity({"store": str(root / "features")})
+    run.write_identity({"store": str(synth_chain(SMALL_STORE) / "features")})
     torch.manual_seed(0)
     config = PolicyConfig(dim=64, hidden=32)
     run.write_policy(config.as_dict(), FrameSelector(config).state_dict())

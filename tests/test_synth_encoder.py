@@ -89,6 +89,7 @@ def test_multi_positive_loss_against_a_direct_computation():
 
 
 
+@pytest.mark.slow
 def test_training_writes_a_loadable_encoder_with_its_hash_and_scores(tmp_path):
     meta = train(tmp_path, TrainSettings(minutes=0.05, batch_size=32, warmup=5, eval_videos=1,
                                          draw_workers=0), log=lambda line: None)

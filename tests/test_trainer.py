@@ -42,6 +42,7 @@ def run_rows(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
 
 
+@pytest.mark.slow
 def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, synth_store, reader_dir):
     store, reward = synth_store / "features", f"reader:{reader_dir}"
     straight = train_policy_stage(store, None, reward, tmp_path / "a", SETTINGS, RUN)
@@ -65,6 +66,7 @@ def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, synth_store, rea
             assert ka == kb and torch.equal(va, vb)
 
 
+@pytest.mark.slow
 def test_runs_keep_records_and_nothing_needs_pickle(tmp_path, synth_store, reader_dir):
     run = tmp_path / "run"
     summary = train_policy_stage(synth_store / "features", None, f"reader:{reader_dir}", run,
@@ -89,6 +91,7 @@ def test_runs_keep_records_and_nothing_needs_pickle(tmp_path, synth_store, reade
     assert len(cache_lines) == summary["cache"]["entries"] > 0
 
 
+@pytest.mark.slow
 def test_other_settings_on_an_existing_run_are_refused(tmp_path, synth_store, reader_dir):
     run = tmp_path / "run"
     store, reward = synth_store / "features", f"reader:{reader_dir}"
@@ -133,6 +136,7 @@ def test_the_corpus_matches_the_store_and_manifest(synth_store):
     assert 0.9 < float(batch.times[0, n - 1]) <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("curriculum", ["stages", "cumulative"])
 def test_the_curriculum_grows_the_budget(synth_store, reader_dir, curriculum):
     corpus = load_corpus(synth_store / "features", None)
@@ -230,6 +234,7 @@ def test_the_default_budgets_are_the_papers_stages():
     assert GRPOSettings().filter_statistic == "margin"
 
 
+@pytest.mark.slow
 def test_score_defaults_to_the_largest_budget_the_policy_trained_on(tmp_path, synth_store,
                                                                     reader_dir):
     run = tmp_path / "run"

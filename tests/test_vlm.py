@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_STORE
 from PIL import Image
 
 from pipelines.encoder import SYNTH_ENCODER, load_encoder
@@ -34,19 +35,10 @@ def encoder():
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory) -> Path:
+def fresh(synth_chain) -> Path:
     """A tiny synthetic corpus of a seed neither the demo nor train-vlm uses, ingested with
-    the default settings: corpus/ and shards/."""
-    from pipelines.ingest import IngestSettings, ingest
-    from pipelines.synth import SynthSettings, generate
-    from stores.manifest import read_manifest
-
-    root = tmp_path_factory.mktemp("vlm-fresh")
-    generate(root / "corpus", SynthSettings(videos=4, seed=97, duration=(13.0, 14.0),
-                                            workers=2))
-    ingest(read_manifest(root / "corpus" / "manifest.jsonl"), root / "shards",
-           IngestSettings(workers=2))
-    return root
+    the default settings: corpus/ and shards/ (and features/, which these tests ignore)."""
+    return synth_chain(SMALL_STORE)
 
 
 def shard_frames(root: Path, count: int = 3) -> list[np.ndarray]:
@@ -135,6 +127,7 @@ def test_the_asset_answers_fresh_questions_from_their_evidence_frames(fresh):
     assert scores["uniform4"]["accuracy"] <= evidence["accuracy"] - 0.2
 
 
+@pytest.mark.slow
 def test_train_vlm_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
