@@ -51,7 +51,7 @@ from stores.shards import SampleLocation, ShardSet
 
 
 @dataclass(frozen=True)
-class Batch:
+class FrameBatch:
     """Rows [start, stop) of the store, all from input shard ``shard``."""
 
     shard: int
@@ -66,7 +66,7 @@ class ShardPlan:
     index: int
     videos: slice
     rows: slice
-    batches: list[Batch]
+    batches: list[FrameBatch]
 
 
 @dataclass
@@ -92,7 +92,7 @@ def plan(shard_set: ShardSet, batch_size: int) -> EmbedPlan:
             locations.append(SampleLocation(s["video_id"], marker["shard"], s["position"],
                                             s["start"], s["end"], s["frames"]))
             row += s["frames"]
-        batches = [Batch(index, start, min(start + batch_size, row))
+        batches = [FrameBatch(index, start, min(start + batch_size, row))
                    for start in range(first_row, row, batch_size)]
         shard_plans.append(ShardPlan(index, slice(first_video, len(locations)),
                                      slice(first_row, row), batches))
@@ -121,7 +121,7 @@ def decode_frame(data: bytes) -> Image.Image:
 
 @dataclass
 class LoadedBatch:
-    batch: Batch
+    batch: FrameBatch
     pixels: torch.Tensor  # [good rows, 3, H, W]: the rows of ``good`` only
     good: np.ndarray  # [rows] bool: the frame decoded (else its row stays a zero vector)
     time: np.ndarray  # [rows] timestamps
@@ -133,7 +133,7 @@ class LoadedBatch:
 class FrameBatches(IterableDataset):
     """Yields preprocessed batches; worker w of W takes batches w, w+W, ..."""
 
-    def __init__(self, shards_dir: Path, embed_plan: EmbedPlan, batches: list[Batch],
+    def __init__(self, shards_dir: Path, embed_plan: EmbedPlan, batches: list[FrameBatch],
                  preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
         self.shards_dir = shards_dir
         self.locations = embed_plan.locations

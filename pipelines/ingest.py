@@ -4,7 +4,7 @@
 shards whose done marker exists, and hands the rest to a runner (``pipelines/runners.py``:
 by default a process pool, one shard per task; or Prefect tasks).
 A worker decodes its shard's videos one by one (``pipelines.decode``), encodes the kept
-frames as JPEG, and writes the shard through ``stores.shards.ShardWriter``. A video that
+frames as JPEG, and writes the shard through ``stores.shards.ShardTarWriter``. A video that
 fails is recorded in its shard's marker with a one-line reason and the shard goes on.
 
 The parts: ``ingest_job`` (owned folder, plan + folder lock), ``shard_step`` (one shard, one
@@ -152,7 +152,7 @@ def _video_meta(video: Video, decoder: VideoDecoder, times: list[float],
 
 
 def _ingest_video(
-    video: Video, writer: shards.ShardWriter, settings: IngestSettings, timings: dict[str, float]
+    video: Video, writer: shards.ShardTarWriter, settings: IngestSettings, timings: dict[str, float]
 ) -> int:
     """Decode, encode and append one video; returns its frame count or raises VideoError."""
     jpegs: list[bytes] = []
@@ -191,7 +191,7 @@ def ingest_shard(
         started = time.perf_counter()
         timings = {"decode": 0.0, "encode": 0.0, "write": 0.0}
         failures: list[dict[str, str]] = []
-        writer = shards.ShardWriter(out, index)
+        writer = shards.ShardTarWriter(out, index)
         try:
             for video in videos:
                 try:

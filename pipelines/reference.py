@@ -17,7 +17,7 @@ from refocus.lmm import FrameVision, LMMScorer
 from refocus.lmm_reference import VisionPass, decode_jpeg, frame_rows, scorer_identity
 from refocus.settings import REFERENCE_FRAMES_PER_PASS
 from stores.owned import Owned, claim
-from stores.reference import KIND, ReferenceStore, ShardWriter
+from stores.reference import KIND, ReferenceShardWriter, ReferenceStore
 from stores.shards import ShardSet, write_json_atomic
 
 
@@ -81,7 +81,7 @@ def precompute_reference(shards: str | os.PathLike[str], out: str | os.PathLike[
     return summary
 
 
-def _write_chunk(writer: ShardWriter, chunk: list[FrameVision],
+def _write_chunk(writer: ReferenceShardWriter, chunk: list[FrameVision],
                  layout: dict[str, Any] | None) -> dict[str, Any] | None:
     """Append one pass's frames, with their exact bits; every frame of a shard is laid out
     alike (the layout of the first)."""

@@ -173,7 +173,7 @@ def export_frames(rows: list[FrameSelection], shards_dir: Path, out: Path, kind:
         starts = range(0, len(rows), shard_size)
         _remove_stale_shards(owned, len(starts))
         for index, start in enumerate(starts):
-            writer = shard_files.ShardWriter(owned.path, index)
+            writer = shard_files.ShardTarWriter(owned.path, index)
             try:
                 for row in rows[start:start + shard_size]:
                     jpegs = chosen(row)

@@ -18,7 +18,7 @@ from stores.manifest import Question
 
 
 @dataclass
-class Batch:
+class QuestionBatch:
     """Padded candidate frames of a batch of questions."""
 
     questions: torch.Tensor  # [B] question rows
@@ -96,7 +96,7 @@ class Corpus:
                         f"question {self.qids[q]}; keep all questions of a video in one split")
         return None
 
-    def frames_of(self, questions: torch.Tensor | Sequence[int]) -> Batch:
+    def frames_of(self, questions: torch.Tensor | Sequence[int]) -> QuestionBatch:
         """Padded candidates of the questions' videos."""
         q = torch.as_tensor(questions, dtype=torch.long, device=self.device)
         videos = self.video[q]
@@ -110,7 +110,7 @@ class Corpus:
         span = (self.duration[videos][:, None] - start).clamp_min(1e-6)
         times = ((seconds - start) / span).clamp(0, 1).float().masked_fill(~valid, 0)
         frames = self.frame_embedding[rows] * valid[..., None]
-        return Batch(q, self.question_embedding[q], self.question_text[q], frames, times,
+        return QuestionBatch(q, self.question_embedding[q], self.question_text[q], frames, times,
                      seconds.float().masked_fill(~valid, 0), valid)
 
     def evidence_frames(self, question: int) -> list[list[int]]:

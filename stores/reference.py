@@ -50,7 +50,7 @@ def _old_format(directory: Path) -> UserError:
                      "precompute-reference into a new --out folder")
 
 
-class ShardWriter:
+class ReferenceShardWriter:
     """Writes one ingest shard's group, frames appended as they come; ``finish`` writes the
     offsets, the meta and, last, the done marker."""
 
@@ -152,8 +152,8 @@ class ReferenceStore:
     def done(self, shard: str) -> bool:
         return (self.progress / f"{shard}.done.json").exists()
 
-    def writer(self, shard: str) -> ShardWriter:
-        return ShardWriter(self, shard)
+    def writer(self, shard: str) -> ReferenceShardWriter:
+        return ReferenceShardWriter(self, shard)
 
     # ------------------------------------------------------------------ reading
     def attrs(self) -> dict[str, Any]:

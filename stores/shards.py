@@ -112,7 +112,7 @@ def sample_bytes(key: str, meta: dict[str, Any], frames: Sequence[bytes]) -> byt
     return b"".join(parts)
 
 
-class ShardWriter:
+class ShardTarWriter:
     """Write one shard. ``add`` appends a whole sample; ``commit`` makes the shard visible.
 
     Members get fixed metadata (mtime 0, root owner), so the same inputs give the same bytes.

@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipelines.embed import (
-    Batch,
     EmbedPlan,
+    FrameBatch,
     FrameBatches,
     FrameError,
     ShardPlan,
@@ -33,7 +33,7 @@ from pipelines.embed import (
 from stores.errors import UserError
 from stores.frames import MAX_FRAME_PIXELS
 from stores.manifest import Question
-from stores.shards import ShardSet, ShardWriter, write_plan
+from stores.shards import ShardSet, ShardTarWriter, write_plan
 
 FPS = 4.0  # timestamps of the generated samples: frame i at i / FPS seconds
 
@@ -61,7 +61,7 @@ def write_ingest(folder: Path, shards: list[list[int]], broken: set[int] = froze
     write_plan(folder, {"settings": {"fps": FPS}, "shards": ids})
     row = 0
     for index, (counts, names) in enumerate(zip(shards, ids, strict=True)):
-        writer = ShardWriter(folder, index)
+        writer = ShardTarWriter(folder, index)
         for video, frames in zip(names, counts, strict=True):
             data = [b"not a jpeg" if row + f in broken else jpeg(colour(row + f))
                     for f in range(frames)]
@@ -85,12 +85,12 @@ def test_plan_rows_and_batches_of_a_known_shard_set(tmp_path):
     assert got.layout.frame_counts == [6, 5, 3, 7, 2]
     assert got.layout.n_frames == 23
     assert got.shards == [
-        ShardPlan(0, slice(0, 2), slice(0, 11), [Batch(0, 0, 4), Batch(0, 4, 8),
-                                                 Batch(0, 8, 11)]),
-        ShardPlan(1, slice(2, 4), slice(11, 21), [Batch(1, 11, 15), Batch(1, 15, 19),
-                                                  Batch(1, 19, 21)]),
+        ShardPlan(0, slice(0, 2), slice(0, 11), [FrameBatch(0, 0, 4), FrameBatch(0, 4, 8),
+                                                 FrameBatch(0, 8, 11)]),
+        ShardPlan(1, slice(2, 4), slice(11, 21), [FrameBatch(1, 11, 15), FrameBatch(1, 15, 19),
+                                                  FrameBatch(1, 19, 21)]),
         ShardPlan(2, slice(4, 4), slice(21, 21), []),
-        ShardPlan(3, slice(4, 5), slice(21, 23), [Batch(3, 21, 23)]),
+        ShardPlan(3, slice(4, 5), slice(21, 23), [FrameBatch(3, 21, 23)]),
     ]
     assert [(loc.video_id, loc.shard, loc.position, loc.frames) for loc in got.locations] == [
         ("v0", "shard-000000.tar", 0, 6), ("v1", "shard-000000.tar", 1, 5),
@@ -100,20 +100,20 @@ def test_plan_rows_and_batches_of_a_known_shard_set(tmp_path):
 
 def test_a_batch_larger_than_every_shard_is_one_batch_per_shard(tmp_path):
     got = plan(ShardSet(write_ingest(tmp_path, [[1, 2], [4]])), batch_size=100)
-    assert [s.batches for s in got.shards] == [[Batch(0, 0, 3)], [Batch(1, 3, 7)]]
+    assert [s.batches for s in got.shards] == [[FrameBatch(0, 0, 3)], [FrameBatch(1, 3, 7)]]
 
 
-def batches_by_walking(frame_counts: list[list[int]], batch_size: int) -> list[Batch]:
+def batches_by_walking(frame_counts: list[list[int]], batch_size: int) -> list[FrameBatch]:
     """The oracle: walk the rows one at a time, closing a batch when it is full or the next
     row belongs to another shard."""
-    out: list[Batch] = []
+    out: list[FrameBatch] = []
     row = 0
     for shard, counts in enumerate(frame_counts):
         for _ in range(sum(counts)):
             if out and out[-1].shard == shard and out[-1].stop - out[-1].start < batch_size:
-                out[-1] = Batch(shard, out[-1].start, row + 1)
+                out[-1] = FrameBatch(shard, out[-1].start, row + 1)
             else:
-                out.append(Batch(shard, row, row + 1))
+                out.append(FrameBatch(shard, row, row + 1))
             row += 1
     return out
 

@@ -355,7 +355,7 @@ def test_a_frame_over_the_pixel_cap_fails_alone(tmp_path, videos, tiny_clip):
     for i, data in bombs.items():
         frames[i] = data
     old = shard_files.read_marker(shards, 0)
-    writer = shard_files.ShardWriter(shards, 0)  # the shard rewritten with the crafted frames
+    writer = shard_files.ShardTarWriter(shards, 0)  # the shard rewritten with the crafted frames
     writer.add("realshort", sample.meta, frames)
     writer.commit({k: v for k, v in old.items() if k not in ("version", "shard", "bytes",
                                                               "samples")})

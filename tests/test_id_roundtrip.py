@@ -23,7 +23,7 @@ from stores.errors import UserError
 from stores.features import FeatureStore, FeatureWriter, Layout
 from stores.manifest import read_manifest
 from stores.selections import FrameSelection
-from stores.shards import ShardSet, ShardWriter, write_plan
+from stores.shards import ShardSet, ShardTarWriter, write_plan
 
 DIM = 4
 ENCODER = {"model": "test", "pretrained": "none", "dim": DIM, "config_sha256": "c",
@@ -43,7 +43,7 @@ TIMES = [0.0, 0.5, 1.0]
 def make_shards(folder: Path, videos: dict[str, list[bytes]]) -> Path:
     """A real, finished ingest folder: one shard holding ``videos`` (id → JPEG frames)."""
     write_plan(folder, {"settings": {}, "shards": [list(videos)]})
-    writer = ShardWriter(folder, 0)
+    writer = ShardTarWriter(folder, 0)
     for vid, frames in videos.items():
         writer.add(vid, {"id": vid, "timestamps": TIMES[:len(frames)]}, frames)
     writer.commit({"videos": len(videos)})

@@ -21,7 +21,7 @@ from stores.ids import (
     safe_component,
     unique_ids,
 )
-from stores.shards import ShardSet, ShardWriter, write_plan
+from stores.shards import ShardSet, ShardTarWriter, write_plan
 
 
 @pytest.mark.parametrize("value", ["v001", "4010069381", "clip-1_a", "é" * 100, "a" * 200])
@@ -79,7 +79,7 @@ LONG_IDS = ["a" * 95, "b" * 150, "c" * 200, "é" * 100, "漢" * 66, "mixed-é" +
 def write_shard(folder: Path, samples: dict[str, list[bytes]]) -> Path:
     """A finished shard of ``samples`` (id → frames) with its plan, as ingest leaves it."""
     write_plan(folder, {"settings": {}, "shards": [list(samples)]})
-    writer = ShardWriter(folder, 0)
+    writer = ShardTarWriter(folder, 0)
     for key, frames in samples.items():
         writer.add(key, {"id": key, "frames": len(frames)}, frames)
     writer.commit({})
@@ -109,7 +109,7 @@ def test_every_valid_id_is_written_and_read_back(tmp_path, key):
 
 def test_a_sample_that_fails_leaves_nothing_in_the_shard(tmp_path):
     write_plan(tmp_path, {"settings": {}, "shards": [["bad", "good"]]})
-    writer = ShardWriter(tmp_path, 0)
+    writer = ShardTarWriter(tmp_path, 0)
     with pytest.raises(TypeError):
         writer.add("bad", {"id": "bad"}, [b"\xff\xd8ok", "not bytes"])  # type: ignore[list-item]
     writer.add("good", {"id": "good"}, [b"\xff\xd8g"])
@@ -122,7 +122,7 @@ def test_shard_bytes_are_fixed_and_plain_ustar_for_short_names(tmp_path):
     samples = {"v001": [b"x" * 1000, b"y" * 513], "clip-2": []}
     one = write_shard(tmp_path / "one", samples).read_bytes()
     assert write_shard(tmp_path / "two", samples).read_bytes() == one
-    # the oracle: Python's own tar writer in USTAR format, members as ShardWriter documents
+    # the oracle: Python's own tar writer in USTAR format, members as ShardTarWriter documents
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, frames in samples.items():
