@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ TRANSIENT = (OSError, TimeoutError, ConnectionError)
 @dataclass(frozen=True)
 class Orchestration:
     runner: str = "local"  # local or prefect: threads; dask: a Dask cluster
-    workers: int = 2  # threads or Dask worker processes
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # threads / Dask workers
     address: str | None = None  # an existing Dask scheduler
     retries: int = 3
     retry_delay: float = 2.0  # seconds before the first retry, doubled after each

@@ -48,3 +48,20 @@ class ScoreSettings:
             raise ValueError(f"k must be at least 1, got {self.k}")
         if self.export not in EXPORTS:
             raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How ``refocus train-encoder`` trains the synthetic world's CLIP model."""
+
+    minutes: float = 25.0
+    batch_size: int = 256
+    draw_workers: int = 1  # processes drawing fresh frames while the model trains
+    none_share: float = 0.2  # frames with no shape
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 200
+    seed: int = 0
+    frame_size: int = 160
+    distractors: tuple[int, int] = (1, 5)
+    eval_videos: int = 30  # held-out videos measured at the end

@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from pipelines import synth
 from pipelines.decode import DecodeSettings, VideoDecoder
 from pipelines.encoder import SYNTH_ENCODER, Encoder, file_sha256, format_question, load_encoder
 from pipelines.ingest import encode_jpeg
+from pipelines.settings import TrainSettings
 from pipelines.workers import dataloader_worker_init
 from stores.owned import claim
 
@@ -55,19 +56,6 @@ NONE_TEXTS = ("no shape", "an empty background", "only the background", "nothing
 Label = tuple[str | None, str | None, bool]  # colour, shape, has a shape
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    minutes: float = 25.0
-    batch_size: int = 256
-    draw_workers: int = 1  # processes drawing fresh frames while the model trains
-    none_share: float = 0.2  # frames with no shape
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup: int = 200
-    seed: int = 0
-    frame_size: int = 160
-    distractors: tuple[int, int] = (1, 5)
-    eval_videos: int = 30  # held-out videos measured at the end
 
 
 # ----------------------------------------------------------------------------- data

@@ -14,9 +14,10 @@ from conftest import make_video
 
 from flows.cli import build_parser, main
 from flows.config import CONFIG_FILE, apply_config, command_of
+from flows.runtime import Orchestration
 from pipelines.decode import DecodeSettings
 from pipelines.ingest import IngestSettings
-from pipelines.settings import EmbedSettings, ScoreSettings
+from pipelines.settings import EmbedSettings, ScoreSettings, TrainSettings
 from refocus import __version__
 from refocus.settings import GRPOSettings, PolicyConfig, ReaderTrainSettings, RunSettings
 from stores.errors import UserError
@@ -160,6 +161,10 @@ FIELD_FLAGS = [
     (["flow", "score"], "export", ScoreSettings, "export"),
     *((["train"], name, RunSettings, name)
       for name in ("eval_every", "checkpoint_every", "hidden", "reference_batch", "val_split")),
+    *((["flow", "preprocess"], name, Orchestration, name)
+      for name in ("workers", "retries", "retry_delay")),
+    *((["train-encoder"], name, TrainSettings, name)
+      for name in ("minutes", "seed", "batch_size")),
 ]
 
 

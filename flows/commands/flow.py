@@ -4,7 +4,6 @@ refocus serve: the preprocessing flow as a scheduled deployment."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from flows.options import (
     non_negative_int,
     positive_int,
 )
-from flows.runtime import prepare_prefect
+from flows.runtime import Orchestration, prepare_prefect
 from pipelines.settings import EXPORTS, SYNTH_ENCODER, ScoreSettings
 from stores.errors import UserError
 from stores.urls import is_url
@@ -32,14 +31,16 @@ def _runner_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where the tasks run")
     g.add_argument("--runner", choices=("local", "dask"), default="local",
                    help="local: a thread pool in this process; dask: a Dask cluster")
-    g.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
+    g.add_argument("--workers", type=positive_int, default=default_of(Orchestration, "workers"),
+                   metavar="N",
                    help="threads (local) or Dask worker processes (a new local cluster)")
     g.add_argument("--address", metavar="TCP", default=None,
                    help="an existing Dask scheduler (tcp://host:8786) instead of a new local "
                         "cluster; its workers must see the same files")
-    g.add_argument("--retries", type=non_negative_int, default=3,
+    g.add_argument("--retries", type=non_negative_int, default=default_of(Orchestration, "retries"),
                    help="retries of a task that failed for a transient reason (I/O, network)")
-    g.add_argument("--retry-delay", type=non_negative_float, default=2.0, metavar="S",
+    g.add_argument("--retry-delay", type=non_negative_float,
+                   default=default_of(Orchestration, "retry_delay"), metavar="S",
                    help="seconds before the first retry, doubled after each")
 
 

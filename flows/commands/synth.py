@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from flows import console
-from flows.options import EXIT_OK, add_command, non_negative_float, non_negative_int, positive_int
+from flows.options import (
+    EXIT_OK,
+    add_command,
+    default_of,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
+from pipelines.settings import TrainSettings
 
 
 def add_synth(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +52,7 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
                    metavar="Q")
     p.add_argument("--split", type=non_negative_float, nargs=3, default=d.split,
                    metavar=("TRAIN", "VAL", "TEST"), help="fractions of videos per split")
-    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="W")
+    p.add_argument("--workers", type=positive_int, default=d.workers, metavar="W")
     p.set_defaults(run=_run_synth)
 
 
@@ -92,15 +99,17 @@ def add_train_encoder(sub: argparse._SubParsersAction) -> None:
         "  refocus train-encoder --out my_encoder --minutes 25",
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
-    p.add_argument("--minutes", type=non_negative_float, default=25.0,
+    p.add_argument("--minutes", type=non_negative_float,
+                   default=default_of(TrainSettings, "minutes"),
                    help="training time budget")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--seed", type=non_negative_int, default=default_of(TrainSettings, "seed"))
+    p.add_argument("--batch-size", type=positive_int,
+                   default=default_of(TrainSettings, "batch_size"))
     p.set_defaults(run=_run_train_encoder)
 
 
 def _run_train_encoder(args: argparse.Namespace) -> int:
-    from pipelines.train_encoder import TrainSettings, train
+    from pipelines.train_encoder import train
 
     settings = TrainSettings(minutes=args.minutes, seed=args.seed, batch_size=args.batch_size)
     meta = train(args.out, settings, log=console.out.print)
