@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines import plots
+from pipelines import plots, reporting
 from refocus.data import Corpus
 from refocus.device import pick_device
 from refocus.evaluation import (
@@ -172,13 +172,17 @@ def train_reader_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                        out: str | os.PathLike[str], settings: ReaderTrainSettings,
                        device: str | None = None,
                        log: Callable[[dict], None] | None = None,
-                       architecture: str = "hand") -> dict[str, Any]:
+                       architecture: str = "hand",
+                       report_to: str = reporting.NO_REPORT) -> dict[str, Any]:
     """Train a reader into ``out`` (a reader folder refocus owns) and return its report; a
     reader already there, trained with the same settings on the same store and questions, is
-    kept and its report returned."""
+    kept and its report returned. ``report_to`` also streams the log rows (pipelines/
+    reporting.py)."""
+    reporting.require(report_to)
     owned = claim(out, "reader", inputs=[store, *(qa or ())])
-    with owned.lock():
-        identity = reader_identity(store, qa, settings, architecture)
+    identity = reader_identity(store, qa, settings, architecture)
+    with owned.lock(), reporting.reporter(report_to, owned, identity) as reporter:
+        log = reporting.teed(log, reporter)
         kept = kept_report(owned, identity)
         if kept is not None:
             return kept
@@ -323,6 +327,7 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     rank reads the run folder (to resume); only rank 0 claims, locks and writes to it —
     run.json, metrics, checkpoints, policy folders, training.png, summary.json — and
     validates; the others return a summary without validation."""
+    reporting.require(run.report_to)
     if run.surrogate is None and settings.lmm_every != 1:
         raise UserError(f"--lmm-every {settings.lmm_every} needs --surrogate SPEC: the model "
                         "that scores the other steps (e.g. --surrogate reader:runs/reader)")
@@ -330,9 +335,12 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     device = rank_device(env, run.device)
     inputs = [store, *(qa or ()), run.reference_features, *reward_inputs(reward_spec),
               *reward_inputs(run.surrogate or "")]
-    with process_group(env, device), _run_folder(Path(out), inputs) as owned:
+    config = {"store": str(Path(store).resolve()), "qa": qa, "reward": reward_spec,
+              "settings": settings.as_dict(), "run": asdict(run)}
+    with process_group(env, device), _run_folder(Path(out), inputs) as owned, \
+            reporting.reporter(run.report_to, owned, config) as reporter:
         return _train_policy(store, qa, reward_spec, owned, Path(out), settings, run, device,
-                             on_start, on_step, stop_after)
+                             on_start, on_step, stop_after, reporter)
 
 
 @contextmanager
@@ -361,7 +369,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
                   owned: Owned | None, out_dir: Path, settings: GRPOSettings, run: RunSettings,
                   device: torch.device, on_start: Callable[[int, int], None] | None,
                   on_step: Callable[[StepMetrics], None] | None,
-                  stop_after: int | None) -> dict[str, Any]:
+                  stop_after: int | None, reporter: reporting.Reporter) -> dict[str, Any]:
     rank, world = rank_and_world()
     main = owned is not None  # the one writer (rank 0)
     corpus = load_corpus(store, qa, device)
@@ -375,7 +383,8 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
     identity = {"store": str(Path(store).resolve()), "qa": [str(Path(p).resolve()) for p in qa]
                 if qa else None, **trained_against, "settings": settings.as_dict(),
                 "run": {k: v for k, v in asdict(run).items() if k not in (
-                    "device", "reference_batch", "reference_cache_gb", "surrogate")}}
+                    "device", "reference_batch", "reference_cache_gb", "surrogate",
+                    "report_to")}}
     saved = checkpoints.load_checkpoint(out_dir)
     run_file = out_dir / "run.json"
     if run_file.exists() and saved is not None and not same_run(
@@ -446,6 +455,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
         if main:
             for row in rows:
                 metrics.append(row)
+                reporter.add(row)
         timings["validate"] += time.perf_counter() - tick
         if on_step is not None:
             on_step(m)
