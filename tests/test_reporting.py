@@ -63,8 +63,9 @@ def reader(synth_store, tmp_path_factory) -> tuple[Path, list[dict]]:
     """A reader trained with --report-to tensorboard, and the log rows it reported."""
     out = tmp_path_factory.mktemp("reporting") / "reader"
     rows: list[dict] = []
-    train_reader_stage(synth_store / "features", None, out, ReaderTrainSettings(steps=200, batch_size=32),
-                       log=rows.append, report_to="tensorboard")
+    train_reader_stage(synth_store / "features", None, out,
+                       ReaderTrainSettings(steps=200, batch_size=32), log=rows.append,
+                       report_to="tensorboard")
     return out, rows
 
 
