@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipelines import reporting
 from pipelines.learn import (
     check_splits,
     kept_report,
@@ -70,15 +71,21 @@ def distill_reader_stage(store: str | os.PathLike[str], qa: Sequence[str] | None
                          margins: str | os.PathLike[str] | None = None,
                          margin_settings: MarginSettings = MarginSettings(),
                          options: ReferenceOptions = ReferenceOptions(),
-                         log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+                         log: Callable[[dict], None] | None = None,
+                         report_to: str = reporting.NO_REPORT) -> dict[str, Any]:
     """Distil ``spec``'s stored outputs into a reader folder ``out``; its report (a reader
-    already there, distilled the same way from the same margins, is kept)."""
+    already there, distilled the same way from the same margins, is kept). ``report_to`` also
+    streams the log rows (pipelines/reporting.py)."""
+    reporting.require(report_to)
     if spec.partition(":")[0] != "lmm" or not spec.partition(":")[2]:
         raise UserError(f"--distill {spec!r}: expected lmm:MODEL (a Hugging Face video-LLM id "
                         "or folder)")
     owned = claim(out, "reader", inputs=[store, *(qa or ()), margins, options.reference_features,
                                          *reward_inputs(spec)])
-    with owned.lock():
+    with owned.lock(), reporting.reporter(
+            report_to, owned, {**reader_identity(store, qa, settings, architecture),
+                               "distill": spec}) as reporter:
+        log = reporting.teed(log, reporter)
         corpus = load_corpus(store, qa, pick_device(options.device))
         check_splits(corpus, store, qa)
         if margins is None:

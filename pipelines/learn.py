@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines import plots
+from pipelines import plots, reporting
 from pipelines.corpus import load_corpus, qa_paths
 from pipelines.policies import load_policy, policy_reward
 from refocus.data import Corpus
@@ -147,13 +147,17 @@ def train_reader_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
                        out: str | os.PathLike[str], settings: ReaderTrainSettings,
                        device: str | None = None,
                        log: Callable[[dict], None] | None = None,
-                       architecture: str = "hand") -> dict[str, Any]:
+                       architecture: str = "hand",
+                       report_to: str = reporting.NO_REPORT) -> dict[str, Any]:
     """Train a reader into ``out`` (a reader folder refocus owns) and return its report; a
     reader already there, trained with the same settings on the same store and questions, is
-    kept and its report returned."""
+    kept and its report returned. ``report_to`` also streams the log rows (pipelines/
+    reporting.py)."""
+    reporting.require(report_to)
     owned = claim(out, "reader", inputs=[store, *(qa or ())])
-    with owned.lock():
-        identity = reader_identity(store, qa, settings, architecture)
+    identity = reader_identity(store, qa, settings, architecture)
+    with owned.lock(), reporting.reporter(report_to, owned, identity) as reporter:
+        log = reporting.teed(log, reporter)
         kept = kept_report(owned, identity)
         if kept is not None:
             return kept
@@ -265,6 +269,7 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     rank reads the run folder (to resume); only rank 0 claims, locks and writes to it —
     run.json, metrics, checkpoints, the policies, training.png, summary.json — and
     validates; the others return a summary without validation."""
+    reporting.require(run.report_to)
     if run.surrogate is None and settings.lmm_every != 1:
         raise UserError(f"--lmm-every {settings.lmm_every} needs --surrogate SPEC: the model "
                         "that scores the other steps (e.g. --surrogate reader:runs/reader)")
@@ -272,9 +277,12 @@ def train_policy_stage(store: str | os.PathLike[str], qa: Sequence[str] | None,
     device = rank_device(env, run.device)
     inputs = [store, *(qa or ()), run.reference_features, *reward_inputs(reward_spec),
               *reward_inputs(run.surrogate or "")]
-    with process_group(env, device), _run_folder(Path(out), inputs) as folder:
+    config = {"store": str(Path(store).resolve()), "qa": qa, "reward": reward_spec,
+              "settings": settings.as_dict(), "run": asdict(run)}
+    with process_group(env, device), _run_folder(Path(out), inputs) as folder, \
+            reporting.reporter(run.report_to, folder.owned, config) as reporter:
         return _train_policy(store, qa, reward_spec, folder, settings, run, device,
-                             on_start, on_step, stop_after)
+                             on_start, on_step, stop_after, reporter)
 
 
 @contextmanager
@@ -308,14 +316,15 @@ def run_identity(store: str | os.PathLike[str], qa: Sequence[str] | None,
             "qa": [str(Path(p).resolve()) for p in qa] if qa else None,
             **trained_against, "settings": settings.as_dict(),
             "run": {k: v for k, v in asdict(run).items() if k not in (
-                "device", "reference_batch", "reference_cache_gb", "surrogate")}}
+                "device", "reference_batch", "reference_cache_gb", "surrogate",
+                "report_to")}}
 
 
 def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, reward_spec: str,
                   folder: RunFolder, settings: GRPOSettings, run: RunSettings,
                   device: torch.device, on_start: Callable[[int, int], None] | None,
                   on_step: Callable[[StepMetrics], None] | None,
-                  stop_after: int | None) -> dict[str, Any]:
+                  stop_after: int | None, reporter: reporting.Reporter) -> dict[str, Any]:
     rank, world = rank_and_world()
     main = folder.owned is not None  # the one writer (rank 0)
     corpus = load_corpus(store, qa, device)
@@ -382,6 +391,7 @@ def _train_policy(store: str | os.PathLike[str], qa: Sequence[str] | None, rewar
         if main:
             for row in rows:
                 metrics.append(row)
+                reporter.add(row)
         timings["validate"] += time.perf_counter() - tick
         if on_step is not None:
             on_step(m)

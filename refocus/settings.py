@@ -30,6 +30,8 @@ FILTER_STATISTICS = ("margin", "reward")
 # The GRPO objective's choices (GRPOSettings.loss_norm, .scale_rewards; refocus train flags)
 LOSS_NORMS = ("pick", "sequence", "constant")
 SCALE_REWARDS = ("group", "none")
+# Where training metrics also stream besides metrics.jsonl (pipelines/reporting.py), --report-to
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class RunSettings:
     # a reference spec (e.g. reader:PATH) scoring the steps the reward model does not
     # (GRPOSettings.lmm_every); its identity goes into run.json on its own
     surrogate: str | None = None
+    report_to: str = REPORT_TO[0]  # also stream the metrics rows to: tensorboard or wandb
 
 
 @dataclass(frozen=True)

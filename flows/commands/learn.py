@@ -53,6 +53,18 @@ PRESENT_HELP = ("with lmm:, how the model is shown the frames: video (its native
                 "fallback); default: as the family's model card feeds video (see README)")
 
 
+def _report_option(p: argparse.ArgumentParser) -> None:
+    """--report-to: where the training metrics also stream (pipelines/reporting.py)."""
+    from refocus.settings import REPORT_TO, RunSettings
+
+    p.add_argument("--report-to", choices=REPORT_TO,
+                   default=default_of(RunSettings, "report_to"),
+                   help="also stream the training metrics to TensorBoard (event files in "
+                        "OUT/tensorboard: tensorboard --logdir OUT) or Weights & Biases (needs "
+                        "pip install wandb; WANDB_MODE=offline keeps it local); the metrics "
+                        "rows stay the record")
+
+
 def _reward_options(p: argparse.ArgumentParser, reward_help: str = REWARD_HELP,
                     required: bool = True) -> None:
     p.add_argument("--reward", required=required, metavar="SPEC", help=reward_help)
@@ -114,6 +126,7 @@ def add_train_reader(sub: argparse._SubParsersAction) -> None:
     from flows.commands.margins import add_margin_options
 
     add_margin_options(g)
+    _report_option(p)
     p.set_defaults(run=_run_train_reader)
 
 
@@ -137,7 +150,7 @@ def _run_train_reader(args: argparse.Namespace) -> int:
             report = distill_from_args(args, settings, log)
         else:
             report = train_reader_stage(args.store, args.qa, args.out, settings, args.device,
-                                        log, args.architecture or "hand")
+                                        log, args.architecture or "hand", args.report_to)
     out = console.out
     console.headline("train-reader", f" → {args.out} ({report['train_seconds']} s)")
     out.print(f"  {report['split']} accuracy over {report['questions']} questions:")
@@ -231,6 +244,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="policy width")
     p.add_argument("--seed", type=non_negative_int, default=d.seed)
     _objective_options(p.add_argument_group("objective"), d)
+    _report_option(p)
     p.set_defaults(run=_run_train)
 
 
@@ -297,7 +311,8 @@ def _run_train(args: argparse.Namespace) -> int:
                       reference_features=args.reference_features,
                       reference_batch=args.reference_batch,
                       reference_cache_gb=args.reference_cache_gb, val_split=args.val_split,
-                      present=args.present, surrogate=args.surrogate)
+                      present=args.present, surrogate=args.surrogate,
+                      report_to=args.report_to)
     env = DistEnv.from_environ()
     if settings.questions_per_step % env.world_size:
         raise UserError(f"--questions-per-step {settings.questions_per_step} must divide evenly "

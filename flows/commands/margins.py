@@ -60,7 +60,8 @@ def distill_from_args(args: argparse.Namespace, settings: Any,
     return distill_reader_stage(args.store, args.qa, args.out, args.distill, settings,
                                 architecture=args.architecture or "generic",
                                 margins=args.margins, margin_settings=margin_settings(args),
-                                options=reference_options(args), log=log)
+                                options=reference_options(args), log=log,
+                                report_to=args.report_to)
 
 
 def add_precompute_margins(sub: argparse._SubParsersAction) -> None:
