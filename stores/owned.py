@@ -47,6 +47,7 @@ MADE_NAMES = (
     "chunk-??????.npz", "chunk-??????.done.json", "meta.json", "margins",
     "model",  # refocus train-vlm
     "resolved-config.yaml",  # every command's resolved options (flows/config.py)
+    "model.safetensors", "README.md",  # a policy exported for the Hub (pipelines/hub.py)
 )
 
 
