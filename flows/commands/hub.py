@@ -24,7 +24,7 @@ def add_export_policy(sub: argparse._SubParsersAction) -> None:
         "  refocus export-policy runs/policy --eval runs/eval --out exported/policy\n"
         "  refocus export-policy runs/policy --eval runs/eval --push-to-hub me/refocus-synth",
     )
-    p.add_argument("run", type=Path, metavar="RUN",
+    p.add_argument("policy", type=Path, metavar="RUN",
                    help="a refocus train --out folder (or a policy folder)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write the model folder here")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
@@ -41,11 +41,11 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.out is None and args.push_to_hub is None:
         console.error("give --out DIR, --push-to-hub ORG/NAME, or both")
         return EXIT_USAGE
-    console.headline("export-policy", f" ← {args.run}")
+    console.headline("export-policy", f" ← {args.policy}")
     if args.out is not None:
-        folder = export_policy(args.run, args.out, args.eval, args.push_to_hub)
+        folder = export_policy(args.policy, args.out, args.eval, args.push_to_hub)
         console.out.print(f"  folder     {folder} (config.json, model.safetensors, README.md)")
     if args.push_to_hub is not None:
-        url = push_policy(args.run, args.push_to_hub, args.eval, args.private or None)
+        url = push_policy(args.policy, args.push_to_hub, args.eval, args.private or None)
         console.out.print(f"  pushed     {args.push_to_hub}: {url}")
     return EXIT_OK
