@@ -26,6 +26,7 @@ from flows.commands import (
     demo,
     features,
     flow,
+    hub,
     ingest,
     learn,
     lmm_budget,
@@ -52,7 +53,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     ingest.add, manifests.add_import, manifests.add_validate, features.add_embed,
     features.add_search, synth.add_synth, synth.add_train_encoder, learn.add_train_reader,
     learn.add_train, learn.add_eval, reference.add_precompute_reference,
-    margins.add_precompute_margins, score.add_score,
+    margins.add_precompute_margins, score.add_score, hub.add_export_policy,
     flow.add_flow, flow.add_serve, demo.add_demo, lmm_budget.add_lmm_budget,
     vlm.add_train_vlm,
 ]

@@ -42,6 +42,9 @@ def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     """The policy a path names (a run folder's best policy, or a policy folder), on
     ``device``, in eval mode."""
     found = find_policy_folder(path)
+    if found is not None and not (found.path / checkpoints.WEIGHTS).is_file():
+        # exported for the Hugging Face Hub (pipelines/hub.py): the mixin's own loading
+        return FrameSelector.from_pretrained(found.path, map_location=str(device))
     config, weights, _ = checkpoints.load_model(found.path if found else path, POLICY_KIND)
     policy = FrameSelector(PolicyConfig(**config))
     policy.load_state_dict(weights)

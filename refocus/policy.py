@@ -17,20 +17,83 @@ embeddings (ReFoCUS's selector, made small: it reads CLIP features, not pixels).
 ``sample`` draws (or greedily takes) k frames step by step; ``log_probs`` recomputes the
 log-probabilities and entropies of given picks in one teacher-forced, parallel pass — equal to
 the sampler's own. Rows are independent: a batch mixes questions and their group samples.
+
+The module is a Hugging Face Hub model through ``huggingface_hub.PyTorchModelHubMixin``:
+``save_pretrained(folder, config=record, model_card_kwargs=...)`` writes ``config.json`` (the
+record a refocus policy folder keeps: ``{"kind": "policy", "config": <PolicyConfig>,
+"encoder", "candidates", "settings", "reward", ...}``), ``model.safetensors`` and a model card
+(``README.md`` from :data:`POLICY_CARD`); ``push_to_hub`` uploads the same files;
+``from_pretrained(id or folder)`` builds the policy from them (the cache and
+``HF_HUB_OFFLINE`` respected). pipelines/hub.py fills the record and the card.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from torch import nn
 
 from refocus.settings import PolicyConfig  # the policy's shape, torch-free for the CLI
+from stores.checkpoints import HUB_WEIGHTS  # the mixin's weights file
+from stores.errors import UserError
+from stores.safe_load import load_safetensors
 
-__all__ = ["PolicyConfig", "FrameSelector"]
+__all__ = ["PolicyConfig", "FrameSelector", "POLICY_CARD", "HUB_WEIGHTS"]
+
+
+# The model card of a policy (Jinja, rendered by huggingface_hub.ModelCard.from_template with
+# the mixin's card data and the model_card_kwargs pipelines/hub.py computes).
+POLICY_CARD = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A query-conditioned frame-selection policy trained with
+refocus (the ReFoCUS
+method: a policy learns, from a video-LLM's or a reader's rewards, which frames of a video a
+model should see for a multiple-choice question). It reads CLIP embeddings of a video's
+candidate frames and of the question, and picks k frames in time order.
+
+## Use
+
+```python
+from pipelines import select_frames
+
+picked = select_frames("video.mp4", "What does the person pick up?",
+                       ["a cup", "a book", "a phone"], k={{ k }}, policy="{{ repo_id }}")
+picked.timestamps, picked.images  # seconds, PIL images
+```
+
+or for a corpus: `refocus score corpus.jsonl --policy {{ repo_id }} --out scored/`.
+
+## Encoder (frames and questions are embedded with it)
+
+{{ encoder }}
+
+## Candidate frames (what the policy chooses among)
+
+{{ candidates }}
+
+## Training
+
+{{ training }}
+
+## Evaluation
+
+{{ scores }}
+
+## How it was made
+
+{{ command }}
+"""
 
 
 @dataclass
@@ -146,7 +209,9 @@ def time_features(times: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-class FrameSelector(nn.Module):
+class FrameSelector(nn.Module, PyTorchModelHubMixin, library_name="refocus",
+                    license="apache-2.0", model_card_template=POLICY_CARD,
+                    tags=["refocus", "frame-selection", "video-question-answering"]):
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -163,6 +228,41 @@ class FrameSelector(nn.Module):
         self.query = nn.Linear(h, h)
         self.key = nn.Linear(h, h)
         self.log_scale = nn.Parameter(torch.tensor(math.log(c.initial_scale)))
+
+    # ------------------------------------------------------------------ the hub
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None,
+                         cache_dir: str | Path | None, force_download: bool,
+                         local_files_only: bool, token: str | bool | None,
+                         map_location: str | torch.device = "cpu",
+                         config: PolicyConfig | dict[str, Any] | None = None,
+                         ) -> FrameSelector:
+        """The mixin's loading step: ``config`` is config.json's ``config`` (a refocus
+        record) or the whole file (a bare ``save_pretrained``); the weights are read from
+        safetensors only, strictly (every tensor present, no stranger), in one-line errors."""
+        if config is None:
+            raise UserError(f"{model_id}: no config.json; not a refocus policy")
+        try:
+            shape = config if isinstance(config, PolicyConfig) else PolicyConfig(**{
+                f.name: config[f.name] for f in fields(PolicyConfig) if f.name in config})
+        except TypeError as e:
+            raise UserError(f"{model_id}: config.json is not a refocus policy's ({e})") from None
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, HUB_WEIGHTS)
+        else:
+            weights = hf_hub_download(model_id, HUB_WEIGHTS, revision=revision,
+                                      cache_dir=cache_dir, force_download=force_download,
+                                      local_files_only=local_files_only, token=token)
+        policy = cls(shape)
+        tensors = load_safetensors(weights, "the policy's weights are damaged; download or "
+                                   "export it again")
+        try:
+            policy.load_state_dict(tensors)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1:2] or [str(e)]
+            raise UserError(f"{weights}: not this policy's weights ({first[0].strip()})"
+                            ) from None
+        return policy.to(map_location).eval()
 
     # ------------------------------------------------------------------ encoding
     def encode(self, question: torch.Tensor, question_text: torch.Tensor, frames: torch.Tensor,

@@ -36,6 +36,8 @@ from stores.safe_load import load_safetensors
 
 CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
+# a model exported for the Hugging Face Hub (huggingface_hub.PyTorchModelHubMixin's file name)
+HUB_WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint"
 CHECKPOINT_TMP, CHECKPOINT_OLD = CHECKPOINT + ".tmp", CHECKPOINT + ".old"
 STATE = "state.json"  # written last: a checkpoint copy that holds it is complete

@@ -48,6 +48,7 @@ MADE_NAMES = (
     "model",  # refocus train-vlm
     "resolved-config.yaml",  # every command's resolved options (flows/config.py)
     "tensorboard", "wandb",  # --report-to's trackers in run and reader folders
+    "model.safetensors", "README.md",  # a policy exported for the Hub (pipelines/hub.py)
 )
 
 

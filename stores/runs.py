@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from stores import checkpoints
-from stores.checkpoints import CONFIG, WEIGHTS, Checkpoint, MetricsLog
+from stores.checkpoints import CONFIG, HUB_WEIGHTS, WEIGHTS, Checkpoint, MetricsLog
 from stores.errors import UserError
 from stores.owned import Owned, claim
 from stores.shards import write_json_atomic
@@ -182,7 +182,8 @@ def _policy_record(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     ok = isinstance(meta, dict) and meta.get("kind") == POLICY_KIND
-    return meta if ok and (folder / WEIGHTS).is_file() else None
+    weights = any((folder / name).is_file() for name in (WEIGHTS, HUB_WEIGHTS))  # either format
+    return meta if ok and weights else None
 
 
 def find_policy_folder(path: str | os.PathLike[str]) -> PolicyFolder | None:

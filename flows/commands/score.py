@@ -35,13 +35,16 @@ def add_score(sub: argparse._SubParsersAction) -> None:
         "  refocus score corpus.jsonl --policy runs/policy --out scored/  # its largest k\n"
         "  refocus import videomme test.parquet --videos videos/ -o vmme.jsonl\n"
         "  refocus score vmme.jsonl --policy runs/policy --k 16 --out vmme/ --export jpeg\n"
-        "  refocus score videos/ qa.jsonl --policy runs/policy --out s/ --export webdataset",
+        "  refocus score videos/ qa.jsonl --policy runs/policy --out s/ --export webdataset\n"
+        "  refocus score corpus.jsonl --policy me/refocus-synth --out scored/  # a Hub model",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=".jsonl manifests with questions, plus video files or folders they "
                         "refer to")
-    p.add_argument("--policy", required=True, type=Path, metavar="RUN",
-                   help="a refocus train --out folder (or its policy/ model folder)")
+    p.add_argument("--policy", required=True, metavar="RUN|ORG/NAME",
+                   help="a refocus train --out folder (or a policy folder, or an export-policy "
+                        "folder), or a Hugging Face model id (from the Hub, or with "
+                        "HF_HUB_OFFLINE=1 from its cache)")
     p.add_argument("--k", type=positive_int, default=None,
                    help="frames per question (default: the largest budget the policy was "
                         "trained on, as its run records it)")
@@ -68,9 +71,11 @@ def add_score(sub: argparse._SubParsersAction) -> None:
 
 def _run_score(args: argparse.Namespace) -> int:
     from pipelines.embed import EmbedSettings
+    from pipelines.hub import resolve_policy
     from pipelines.score import ScoreSettings, score
     from stores import importers
 
+    policy = resolve_policy(args.policy)  # a path as given, or a Hub model's cached snapshot
     settings = ScoreSettings(
         k=args.k, export=args.export, ingest_workers=args.workers,
         embed=EmbedSettings(batch_size=args.batch_size, workers=args.embed_workers, index=None),
@@ -79,14 +84,14 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.runner == "local":
         manifest = importers.from_inputs(list(args.inputs), settings.network)
         with console.err.status("scoring …") as status:
-            summary = score(manifest, args.policy, args.out, settings,
+            summary = score(manifest, policy, args.out, settings,
                             say=lambda line: status.update(line), inputs=args.inputs)
     else:
         from flows.orchestrate import score_flow
         from flows.runners import run_flow
 
         summary = run_flow(score_flow, args.runner, args.workers, [str(i) for i in args.inputs],
-                           str(args.policy), str(args.out), settings)
+                           str(policy), str(args.out), settings)
     print_score_summary(summary)
     return EXIT_FAILURES if summary["failures"] else EXIT_OK
 
