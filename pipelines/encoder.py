@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ class _Resolved:
     source: str  # the model as given, with files made absolute: how to load it again
     name: str  # what open_clip.create_model gets
     pretrained: str | None  # tag or file for create_model (None: none, or they come with name)
-    weights: str  # what the user named (tag, path, hub id, random)
+    weights: str | None  # what the user named (tag, path, hub id, random; None: bundled)
     weights_file: str | None  # the file actually loaded (for its hash)
     config: dict[str, Any]  # the architecture config
 
@@ -187,7 +187,10 @@ def _bundled(pretrained: str | None) -> tuple[str, str]:
 
 def _resolve(model: str, pretrained: str | None) -> _Resolved:
     if model == SYNTH_ENCODER:
-        model, pretrained = _bundled(pretrained)
+        spec = _resolve(*_bundled(pretrained))
+        if pretrained is None:  # recorded by name, so it loads again on any install
+            spec = replace(spec, source=SYNTH_ENCODER, weights=None)
+        return spec
     if model.startswith("hf-hub:"):
         return _hub_model(model[len("hf-hub:"):])
     if model.startswith("local-dir:"):

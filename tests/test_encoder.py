@@ -103,3 +103,17 @@ def test_weights_of_another_architecture_are_refused(tmp_path, tiny_clip):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(UserError, match="cannot load into other"):
         load_encoder(str(tmp_path / "other.json"), str(tiny_clip[1]))
+
+
+def test_the_bundled_encoder_is_recorded_by_name_not_by_this_install_s_path():
+    """A store or policy made with the bundled encoder must load its encoder on another
+    install (a policy from the Hub): the identity names it, and holds no path of this one."""
+    from pipelines.encoder import ASSETS, encoder_spec
+
+    identity = load_encoder("refocus-synth", device="cpu").identity
+    assert str(ASSETS) not in json.dumps(identity)
+    assert encoder_spec(identity) == ("refocus-synth", None)
+    # the oracle: the bundled weights file's own hash, read directly
+    import hashlib
+    digest = hashlib.sha256((ASSETS / "refocus-synth.safetensors").read_bytes()).hexdigest()
+    assert identity["weights_sha256"] == digest
