@@ -116,7 +116,7 @@ FLOWS = {  # each stage's flow: parameters a deployment may carry, and a wrong-t
 
 
 @pytest.mark.parametrize("stage", list(FLOWS))
-def test_every_stage_is_a_deployment_that_refuses_wrong_types(stage):
+def test_every_stage_is_a_deployment_that_refuses_wrong_types(prefect_api, stage):
     flow, good, bad = FLOWS[stage]
     deployment = flow.to_deployment(name=f"check-{stage}", parameters=good)
     schema = deployment._parameter_openapi_schema.model_dump()
@@ -130,3 +130,5 @@ def test_every_stage_is_a_deployment_that_refuses_wrong_types(stage):
         flow.validate_parameters(wrong)
     with pytest.raises(ParameterTypeError):  # an unknown setting is refused too
         flow.validate_parameters({**good, **{k: {"no_such_setting": 1} for k in bad}})
+    with pytest.raises(ParameterTypeError):  # a run is refused before the flow's body runs
+        flow(**wrong)
