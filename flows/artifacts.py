@@ -63,9 +63,13 @@ def _failure_row(stage: str, failure: Any) -> dict[str, Any]:
             "video_id": "", "error": error or where}
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def summary_markdown(flow: str, summary: dict[str, Any], status: str, failures: int) -> str:
     lines = [f"# refocus {flow}: {status}", "",
-             f"**{failures} failure{'s' if failures != 1 else ''}**"
+             f"**{_count(failures, 'failure')}**"
              + (f" (table `{artifact_key(flow, 'failures')}`)" if failures else ""), "",
              "| field | value |", "|---|---|"]
     for name, value in _leaves(json.loads(json.dumps(summary, default=str))):
@@ -82,7 +86,7 @@ def publish_run(flow: str, summary: dict[str, Any], status: str) -> list[dict[st
     rows = failure_rows(summary)
     create_table_artifact(rows or {c: [] for c in FAILURE_COLUMNS},  # (columns, no rows)
                           key=artifact_key(flow, "failures"),
-                          description=f"refocus {flow}: {len(rows)} items did not land")
+                          description=f"refocus {flow}: {_count(len(rows), 'item')} did not land")
     create_markdown_artifact(summary_markdown(flow, summary, status, len(rows)),
                              key=artifact_key(flow, "summary"),
                              description=f"refocus {flow}: what landed")
