@@ -21,6 +21,13 @@ user's folder is refused with one line before anything is written.
 
 Tasks take only picklable plain values, so the same flow runs on local threads or on a
 Dask cluster (``flows/runtime.py``).
+
+Every flow but margins_flow takes typed parameters — names, numbers, lists and the stages'
+settings dataclasses (IngestSettings, EmbedSettings, ScoreSettings, GRPOSettings, …), whose
+fields a deployment gives as a mapping — and Prefect validates them: ``flow.to_deployment``
+carries their JSON schema, and a run with a wrong-typed or unknown setting is refused before
+it starts. What a run did is published as Prefect artifacts (``flows/artifacts.py``): its
+summary, its failures, and each mapped step's progress.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.artifacts import publish_table
 from flows.options import default_of
 from flows.runners import PrefectRunner, with_runner  # noqa: F401  (with_runner: see runners)
 from flows.runtime import Orchestration, flow_record, retry_options
@@ -42,6 +50,8 @@ from pipelines.embed import EmbedSettings, claim_features, embed
 from pipelines.encoder import SYNTH_ENCODER, load_encoder
 from pipelines.ingest import IngestSettings, claim_ingest, ingest
 from pipelines.runners import Step, split
+from pipelines.settings import ScoreSettings
+from refocus.settings import GRPOSettings, ReaderTrainSettings, RunSettings
 from stores import importers
 from stores.index import IndexSettings
 from stores.manifest import Manifest
@@ -60,7 +70,7 @@ def _logged(stage: str, out: str, unit: str) -> Any:
                                                     stage, out, todo, unit, done)
 
 
-@flow(name="refocus-ingest", validate_parameters=False)
+@flow(name="refocus-ingest")
 def ingest_flow(inputs: list[str], out: str, settings: IngestSettings | None = None,
                 retry_failed: bool = False,
                 orchestration: Orchestration | None = None) -> dict[str, Any]:
@@ -86,7 +96,7 @@ def _ingest(manifest: Manifest, out: str, settings: IngestSettings, retry_failed
     return summary
 
 
-@flow(name="refocus-embed", validate_parameters=False)
+@flow(name="refocus-embed")
 def embed_flow(shards: str, out: str, model: str = SYNTH_ENCODER, pretrained: str | None = None,
                questions: list[str] | None = None, settings: EmbedSettings | None = None,
                device: str | None = None,
@@ -114,7 +124,7 @@ def _embed(shards: str, out: str, model: str, pretrained: str | None,
     return summary
 
 
-@flow(name="refocus-preprocess", validate_parameters=False)
+@flow(name="refocus-preprocess")
 def preprocess_flow(inputs: list[str], root: str,  # defaults: the settings dataclasses'
                     fps: float = default_of(DecodeSettings, "fps"),
                     max_frames: int = default_of(DecodeSettings, "max_frames"),
@@ -123,18 +133,18 @@ def preprocess_flow(inputs: list[str], root: str,  # defaults: the settings data
                     model: str = SYNTH_ENCODER, pretrained: str | None = None,
                     batch_size: int = default_of(EmbedSettings, "batch_size"), index: bool = True,
                     retries: int = default_of(Orchestration, "retries"),
-                    network: dict[str, Any] | None = None) -> dict[str, Any]:
+                    network: NetworkSettings | None = None) -> dict[str, Any]:
     """The flow to schedule: the videos under ``inputs`` → ROOT/shards → ROOT/features.
     Each run finishes what earlier runs left (finished shards are skipped) and picks up what
     the inputs gained: new videos in a watched folder or manifest become new shards, new
     feature rows and new index entries, and nothing earlier runs wrote is rewritten (a video
     gone from the inputs stays; other frame settings are refused). Plain parameters only, so a
-    deployment can carry them (``network``: ``NetworkSettings`` fields); the task runner comes
-    from ``with_runner``."""
+    deployment can carry them (``network``: a mapping of ``NetworkSettings`` fields); the
+    task runner comes from ``with_runner``."""
     o = Orchestration(retries=retries)
     settings = IngestSettings(decode=DecodeSettings(fps=fps or None, max_frames=max_frames or None,
                                                     size=size or None), shard_size=shard_size,
-                              network=NetworkSettings(**(network or {})))
+                              network=network or NetworkSettings())
     embed_settings = EmbedSettings(batch_size=batch_size, index=IndexSettings() if index else None)
     manifest = importers.from_inputs(list(inputs), settings.network)
     shards, features = str(Path(root) / "shards"), str(Path(root) / "features")
@@ -161,7 +171,7 @@ def _precompute_task(shards: str, out: str, model: str, device: str | None,
     return precompute_reference(shards, out, scorer, PrecomputeSettings(frames_per_pass))
 
 
-@flow(name="refocus-precompute-reference", validate_parameters=False)
+@flow(name="refocus-precompute-reference")
 def precompute_flow(shards: str, out: str, model: str, device: str | None = None,
                     frames_per_pass: int = 32, retries: int = 1) -> dict[str, Any]:
     """The reference model's vision features of every shard (resumes by shard)."""
@@ -234,28 +244,26 @@ def margins_flow(store: str, out: str, spec: str, settings: Any = None, options:
 
 
 @task(name="train-reader", cache_policy=NO_CACHE)
-def _train_reader_task(store: str, out: str, settings: Any) -> dict[str, Any]:
+def _train_reader_task(store: str, out: str, settings: ReaderTrainSettings) -> dict[str, Any]:
     from pipelines.learn import train_reader_stage
 
     return train_reader_stage(store, None, out, settings)
 
 
 @task(name="train-policy", cache_policy=NO_CACHE)
-def _train_policy_task(store: str, reward: str, out: str, settings: Any,
-                       run: Any) -> dict[str, Any]:
+def _train_policy_task(store: str, reward: str, out: str, settings: GRPOSettings,
+                       run: RunSettings) -> dict[str, Any]:
     from pipelines.learn import train_policy_stage
 
     return train_policy_stage(store, None, reward, out, settings, run)
 
 
-@flow(name="refocus-train", validate_parameters=False)
-def train_flow(store: str, out: str, reward: str = "reader", grpo: Any = None,
-               reader: Any = None, run: Any = None, retries: int = 1) -> dict[str, Any]:
+@flow(name="refocus-train")
+def train_flow(store: str, out: str, reward: str = "reader", grpo: GRPOSettings | None = None,
+               reader: ReaderTrainSettings | None = None, run: RunSettings | None = None,
+               retries: int = 1) -> dict[str, Any]:
     """From cached features: the reader reference (when ``reward`` is ``reader``, into
     OUT/reader) then the policy (OUT/policy). Both resume from their checkpoints."""
-    from pipelines.learn import RunSettings
-    from refocus.settings import GRPOSettings, ReaderTrainSettings
-
     o = Orchestration(retries=retries)
     claim(out, TRAIN_FLOW_KIND, inputs=[store])  # OUT/reader and OUT/policy: their stages'
     with flow_record(out, "train", {"store": store, "reward": reward}) as record:
@@ -283,7 +291,7 @@ def _evaluate_task(store: str, split: str, ks: list[int], reward: str | None,
                                               out=out, judges=judges)]
 
 
-@flow(name="refocus-evaluate", validate_parameters=False)
+@flow(name="refocus-evaluate")
 def evaluate_flow(store: str, reward: str | None, policies: list[str], out: str,
                   split: str = "test", ks: list[int] | None = None,
                   judges: list[str] | None = None) -> list[dict[str, Any]]:
@@ -298,16 +306,17 @@ def evaluate_flow(store: str, reward: str | None, policies: list[str], out: str,
         rows = _evaluate_task(store, split, list(ks or (4, 8, 16)), reward, list(policies), out,
                               list(judges or ()))
         record.summary = {"rows": len(rows)}
+        publish_table("evaluate", "accuracy", rows, f"refocus evaluate → {out}: accuracy per "
+                      "method, budget and judge")
     return rows
 
 
-@flow(name="refocus-score", validate_parameters=False)
-def score_flow(inputs: list[str], policy: str, out: str, settings: Any = None,
+@flow(name="refocus-score")
+def score_flow(inputs: list[str], policy: str, out: str, settings: ScoreSettings | None = None,
                orchestration: Orchestration | None = None) -> dict[str, Any]:
     """refocus score: a new corpus → shards and features under ``out`` (mapped over shards,
     skipping what is done) → the policy's selections (+ exported frames)."""
     from pipelines.score import (
-        ScoreSettings,
         check_questions,
         claim_score,
         find_policy,

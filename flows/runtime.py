@@ -12,7 +12,9 @@ retried, and the records a flow leaves under its data root.
   values) fails at once; bad videos never fail a task at all, they are recorded in their
   shard's marker.
 * **Records.** Each flow run appends its log to ``ROOT/logs/<flow>.log`` and writes
-  ``ROOT/flow-runs/<time>-<flow>.json`` (parameters, per-task states, summary).
+  ``ROOT/flow-runs/<time>-<flow>.json`` (parameters, per-task states, summary); a run that
+  finishes also publishes its summary and failures as Prefect artifacts (flows/artifacts.py),
+  so the UI shows what landed and what failed.
 * **No orphan server.** Without ``PREFECT_API_URL`` Prefect starts a temporary API server
   process and stops it when the flow's process exits; a ``kill -9`` skips that. So the
   command line starts that server itself (``guard_temporary_server``) together with a small
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.artifacts import publish_run
 from stores.errors import UserError
 from stores.shards import write_json_atomic
 
@@ -136,6 +139,7 @@ def flow_record(root: str | Path, flow: str, parameters: dict[str, Any]) -> Iter
     try:
         yield record
         record.status = "completed"
+        publish_run(flow, record.summary, record.status)  # the Prefect UI's view of the run
     except BaseException as e:
         record.status = f"failed: {type(e).__name__}: {e}".splitlines()[0]
         raise
