@@ -51,7 +51,13 @@ from pipelines.encoder import SYNTH_ENCODER, load_encoder
 from pipelines.ingest import IngestSettings, claim_ingest, ingest
 from pipelines.runners import Step, split
 from pipelines.settings import ScoreSettings
-from refocus.settings import GRPOSettings, ReaderTrainSettings, RunSettings
+from refocus.settings import (
+    GRPOSettings,
+    MarginSettings,
+    ReaderTrainSettings,
+    ReferenceOptions,
+    RunSettings,
+)
 from stores import importers
 from stores.index import IndexSettings
 from stores.manifest import Manifest
@@ -211,19 +217,18 @@ def _margins_item(out: str, store: str, qa: tuple[str, ...] | None, spec: str, s
         return margins_chunk(out, index, qids, corpus, ref, settings)
 
 
-@flow(name="refocus-precompute-margins", validate_parameters=False)
-def margins_flow(store: str, out: str, spec: str, settings: Any = None, options: Any = None,
+@flow(name="refocus-precompute-margins")
+def margins_flow(store: str, out: str, spec: str, settings: MarginSettings | None = None,
+                 options: ReferenceOptions | None = None,
                  qa: list[str] | None = None, retries: int = 1) -> dict[str, Any]:
     """The reference LMM's margins on frame subsets, the chunks mapped over tasks (finished
     chunks are skipped; a failed chunk is recorded and the others land)."""
     from pipelines.margins import (
-        ReferenceOptions,
         claim_margins,
         finish_margins,
         margin_inputs,
         margins_job,
     )
-    from refocus.settings import MarginSettings
 
     settings, options = settings or MarginSettings(), options or ReferenceOptions()
     inputs = margin_inputs(store, qa, spec, options)

@@ -28,22 +28,11 @@ from refocus.data import Corpus
 from refocus.distill import Scored, draw_subsets
 from refocus.reader import margins
 from refocus.rewards import Reference, pad_subsets
-from refocus.settings import REFERENCE_BATCH, REFERENCE_CACHE_GB, MarginSettings
+from refocus.settings import MarginSettings, ReferenceOptions
 from stores.errors import UserError
 from stores.margins import KIND, Chunk, MarginStore, chunk_name
 from stores.owned import Owned, claim
 from stores.shards import write_json_atomic
-
-
-@dataclass(frozen=True)
-class ReferenceOptions:
-    """How the reference LMM is run (nothing here changes its outputs)."""
-
-    reference_features: str | None = None  # a precompute-reference folder
-    reference_batch: int = REFERENCE_BATCH  # (question, subset) pairs per LMM forward
-    reference_cache_gb: float = REFERENCE_CACHE_GB
-    present: str | None = None  # how the LMM is shown frames (None: its family's default)
-    device: str | None = None
 
 
 def load_reference(spec: str, corpus: Corpus, store: str | os.PathLike[str],

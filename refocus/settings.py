@@ -203,3 +203,14 @@ class DistillSettings:
     temperature: float = 1.0  # both distributions softened by it
     margin_weight: float = 0.1  # weight of the margin regression (smooth L1) beside the KL
     held_out_share: float = 0.2  # of the scored questions, when none is in the val split
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """How the reference LMM is run (nothing here changes its outputs)."""
+
+    reference_features: str | None = None  # a precompute-reference folder
+    reference_batch: int = REFERENCE_BATCH  # (question, subset) pairs per LMM forward
+    reference_cache_gb: float = REFERENCE_CACHE_GB
+    present: str | None = None  # how the LMM is shown frames (None: its family's default)
+    device: str | None = None
