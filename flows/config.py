@@ -224,8 +224,12 @@ def resolved(parser: argparse.ArgumentParser, command: str,
 def write_resolved(parser: argparse.ArgumentParser, argv: Sequence[str],
                    args: argparse.Namespace) -> Path | None:
     """Write the resolved configuration into the command's output folder, when it names one
-    refocus owns; returns the file written, if any."""
+    refocus owns; returns the file written, if any. Under torchrun only rank 0 writes (the
+    other ranks write nothing into a run folder)."""
     import yaml
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
 
     leaf, command = command_of(parser, argv)
     text = yaml.safe_dump(resolved(leaf, command, args), sort_keys=False, allow_unicode=True)

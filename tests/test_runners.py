@@ -33,7 +33,7 @@ from stores.shards import ShardSet
 FPS = 5.0  # candidates per second of the 25 fps test videos
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """Three small videos and a text file posing as one, a shard each."""
     root = tmp_path_factory.mktemp("runner-corpus")
@@ -92,7 +92,9 @@ def assert_features_equal_an_unbatched_forward(out: Path, shards: Path, clip) ->
         np.testing.assert_allclose(stored, expected, atol=2e-3, rtol=0)
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: built by the first test of this file, which conftest runs before any Prefect
+# test; a DataLoader forked after a Prefect client has run in this process loses its workers.
+@pytest.fixture(scope="session")
 def local(corpus, tiny_clip, tmp_path_factory) -> Path:
     """Both stages on the local runner: ingest's spawn pool, embed's DataLoader."""
     root = tmp_path_factory.mktemp("local-runner")
