@@ -415,7 +415,7 @@ def test_router_stops_before_the_model_when_a_doc_has_no_selection(scored):
     assert calls == []
 
 
-def test_plugin_is_an_lmms_eval_model_registered_by_entry_point():
+def test_plugin_is_an_lmms_eval_model_registered_by_entry_point(tmp_path):
     """lmms-eval 0.7.3's interface: an `lmms_eval.models` entry point whose payload is a
     callable returning a ModelManifest; the class subclasses lmms and implements its three
     abstract methods. Checked in lmms-eval itself when the scratch environment has it."""
@@ -430,11 +430,18 @@ def test_plugin_is_an_lmms_eval_model_registered_by_entry_point():
     assert {"generate_until", "loglikelihood", "generate_until_multi_round"} <= methods
     scratch = Path(os.environ.get("REFOCUS_LMMS_PYTHON", "/work/scratch-lmms/bin/python"))
     if scratch.exists():  # the real registry: lmms-eval resolves --model refocus to our class
+        # this checkout's entry point, as an installed refocus would declare it (a dist-info
+        # ahead of any other install on the path), and this checkout's code
+        dist = tmp_path / "refocus-0.0.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: refocus\nVersion: 0.0.0\n")
+        (dist / "entry_points.txt").write_text(f"[lmms_eval.models]\nrefocus = {target}\n")
         code = ("from lmms_eval.models import get_model\n"
                 "from pipelines.lmms_plugin import RefocusModel\n"
                 "assert get_model('refocus') is RefocusModel\n")
-        result = subprocess.run([str(scratch), "-c", code], cwd=REPO, capture_output=True,
-                                text=True, timeout=120)
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+        result = subprocess.run([str(scratch), "-c", code], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=120, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
 
 
