@@ -301,10 +301,14 @@ def prefect_api() -> str:
         yield PREFECT_API_URL.value()
 
 
+# Fixtures that cost more than a few seconds to build: a test that uses one is ``slow``.
+SLOW_FIXTURES = ("prefect_api", "synth_store")  # the Prefect test server; the 48-video store
+
+
 def pytest_itemcollected(item) -> None:
-    """Every test on the Prefect test server is ``slow`` (make test-fast leaves it out); other
-    slow tests carry ``@pytest.mark.slow`` themselves."""
-    if "prefect_api" in getattr(item, "fixturenames", ()):
+    """Every test on the Prefect test server or on the trained synthetic store is ``slow``
+    (make test-fast leaves it out); other slow tests carry ``@pytest.mark.slow`` themselves."""
+    if set(SLOW_FIXTURES) & set(getattr(item, "fixturenames", ())):
         item.add_marker(pytest.mark.slow)
 
 

@@ -321,6 +321,7 @@ def test_bad_encoder_weights_are_one_line(tmp_path, kind):
     assert not (tmp_path / "ran").exists()
 
 
+@pytest.mark.slow
 def test_embed_with_pickle_weights_is_one_line_and_runs_nothing(shards, tmp_path):
     weights = bad_weights(tmp_path, "pickle")
     result = run_cli("embed", "--shards", str(shards), "--out", str(tmp_path / "features"),

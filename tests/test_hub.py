@@ -188,6 +188,7 @@ def fresh(tmp_path_factory) -> Path:
     return root / "manifest.jsonl"
 
 
+@pytest.mark.slow
 def test_score_by_hub_id_end_to_end(run, exported, fresh, tmp_path):
     """refocus score --policy ORG/NAME in a fresh process, offline, from a cache folder: the
     same selections as scoring with the run folder itself."""

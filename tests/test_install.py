@@ -4,7 +4,10 @@ torchvision ops missing for a mismatched torch, prefect failing with a newer fas
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_pinned_dependencies_import_and_cooperate():
     code = """
 import torch, torchvision

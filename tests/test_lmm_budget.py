@@ -107,6 +107,7 @@ def test_memory_formulas_by_hand():
     assert lb.recommended_batch(10 * gib, 10 * gib, 0, gib) == 0
 
 
+@pytest.mark.slow
 def test_command_prints_every_model_in_both_presentations_offline():
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "flows.cli", "lmm-budget", "--k", "2",

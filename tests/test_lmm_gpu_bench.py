@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ def load_bench():  # noqa: ANN201
     return module
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_figure(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],

@@ -446,6 +446,7 @@ def test_out_of_range_objective_settings_are_refused(bad):
 
 @pytest.mark.parametrize("flag, value", [("--updates-per-rollout", "0"), ("--clip-eps", "1.5"),
                                          ("--std-floor", "0")])
+@pytest.mark.slow
 def test_the_train_command_checks_the_objective_flags(tmp_path, flag, value):
     done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--store",
                            str(tmp_path / "none"), "--reward", "reader:x", "--out",

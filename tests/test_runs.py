@@ -142,6 +142,7 @@ def test_same_run_counts_a_setting_added_later_as_its_default():
     assert not same_run({"store": "/t", "settings": {"lr": 0.1, "new": 3}}, now, {})
 
 
+@pytest.mark.slow
 def test_score_does_not_import_the_learning_stages():
     code = ("import sys, pipelines.score, flows.commands.score; "
             "print(sorted(m for m in sys.modules if m == 'pipelines.learn'))")
