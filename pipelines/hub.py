@@ -143,6 +143,15 @@ class Export:
     card: dict[str, Any]
 
 
+def _usage(policy: str, k: int) -> str:
+    """How to run the policy: one call in Python, or a corpus with refocus score."""
+    return (f'```python\nfrom pipelines import select_frames\n\n'
+            f'picked = select_frames("video.mp4", "What does the person pick up?",\n'
+            f'                       ["a cup", "a book", "a phone"], k={k}, policy="{policy}")\n'
+            f'picked.timestamps, picked.images  # seconds, PIL images\n```\n\n'
+            f'or for a corpus: `refocus score corpus.jsonl --policy {policy} --out scored/`.')
+
+
 def prepare_export(run: str | os.PathLike[str], eval_dir: str | os.PathLike[str] | None = None,
                    repo_id: str | None = None) -> Export:
     """The policy a run (or policy folder) holds, ready for ``save_pretrained`` /
@@ -161,7 +170,7 @@ def prepare_export(run: str | os.PathLike[str], eval_dir: str | os.PathLike[str]
     card = {
         "title": f"refocus frame-selection policy {name}",
         "repo_id": repo_id or str(found.given),
-        "k": max(int(k) for k in budgets),
+        "usage": _usage(repo_id or str(found.given), max(int(k) for k in budgets)),
         "encoder": _bullets(record.get("encoder"), ENCODER_KEYS),
         "candidates": _bullets(record.get("candidates")),
         "training": _training(record, found.run),

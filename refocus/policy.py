@@ -64,15 +64,7 @@ candidate frames and of the question, and picks k frames in time order.
 
 ## Use
 
-```python
-from pipelines import select_frames
-
-picked = select_frames("video.mp4", "What does the person pick up?",
-                       ["a cup", "a book", "a phone"], k={{ k }}, policy="{{ repo_id }}")
-picked.timestamps, picked.images  # seconds, PIL images
-```
-
-or for a corpus: `refocus score corpus.jsonl --policy {{ repo_id }} --out scored/`.
+{{ usage }}
 
 ## Encoder (frames and questions are embedded with it)
 
