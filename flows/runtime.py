@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.artifacts import publish_run
+from pipelines.runners import one_line
 from stores.errors import UserError
 from stores.shards import write_json_atomic
 
@@ -141,7 +142,7 @@ def flow_record(root: str | Path, flow: str, parameters: dict[str, Any]) -> Iter
         record.status = "completed"
         publish_run(flow, record.summary, record.status)  # the Prefect UI's view of the run
     except BaseException as e:
-        record.status = f"failed: {type(e).__name__}: {e}".splitlines()[0]
+        record.status = f"failed: {one_line(e)}"
         raise
     finally:
         prefect_logger.removeHandler(handler)

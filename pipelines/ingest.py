@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.decode import DecodeSettings, VideoDecoder, VideoError
-from pipelines.runners import Failed, LocalRunner, Runner, Step, ignore, split
+from pipelines.runners import Failed, LocalRunner, Runner, Step, ignore, one_line, split
 from stores import shards
 from stores.errors import UserError
 from stores.ids import stable_ids
@@ -201,7 +201,7 @@ def ingest_shard(
                     failures.append({"video_id": video.id, "source": video.path, "error": str(e)})
                     report(VideoDone(video.id, 0, str(e)))
                 except Exception as e:  # a decoder or library fault must not sink the shard
-                    error = f"unexpected {type(e).__name__}: {e}".splitlines()[0]
+                    error = f"unexpected {one_line(e)}"
                     failures.append({"video_id": video.id, "source": video.path, "error": error})
                     report(VideoDone(video.id, 0, error))
             stats = {
